@@ -1,0 +1,8 @@
+"""sigma-repro: reproduction suite for transformer training-stability research.
+
+Public entry points (see DESIGN.md): ``sigma_repro.reparam.apply_sigma_reparam``,
+``sigma_repro.reparam.remove_sigma_reparam``, ``sigma_repro.diagnostics``, the Hydra app
+``sigma-repro-train`` and the ``sigma-repro`` command.
+"""
+
+__version__ = "0.1.0"

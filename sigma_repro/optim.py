@@ -1,0 +1,121 @@
+"""Optimizers, parameter groups and learning-rate schedules shared by every task.
+
+The optimizer itself comes from the ``optim/`` config (``_target_`` = a torch or timm optimizer class;
+LARS and LAMB are timm's). This module decides which parameters decay and gives σReparam's γ its own
+group, because the paper's recipes differ exactly there: γ can be driven to zero by Adam at a high
+learning rate unless it gets a smaller learning rate or is kept out of weight decay.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import hydra.utils
+import torch
+from torch import nn
+
+from sigma_repro.errors import ConfigError
+from sigma_repro.reparam import gamma_parameters
+
+
+def parameter_groups(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    gamma_lr_mult: float = 1.0,
+    gamma_weight_decay: bool = False,
+) -> list[dict[str, Any]]:
+    """Split parameters into the usual decay / no-decay groups plus a γ group.
+
+    Matrices (ndim >= 2) decay; biases, norm scales and the tokens timm lists in
+    ``model.no_weight_decay()`` (pos_embed, cls_token) do not. σReparam's γ gets ``lr * gamma_lr_mult``
+    and decays only when ``gamma_weight_decay`` is set. Empty groups are dropped.
+    """
+    gamma_ids = {id(p) for p in gamma_parameters(model)}
+    skip = set(getattr(model, "no_weight_decay", lambda: ())())
+    decay, no_decay, gamma = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in gamma_ids:
+            gamma.append(p)
+        elif p.ndim < 2 or name in skip:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"name": "decay", "params": decay, "lr": lr, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0},
+        {
+            "name": "gamma",
+            "params": gamma,
+            "lr": lr * gamma_lr_mult,
+            "weight_decay": weight_decay if gamma_weight_decay else 0.0,
+        },
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(
+    model: nn.Module,
+    optim: dict[str, Any],
+    *,
+    gamma_lr_mult: float = 1.0,
+    gamma_weight_decay: bool = False,
+) -> torch.optim.Optimizer:
+    """Instantiate the ``optim`` config (``_target_``, ``lr``, ``weight_decay``, ...) on the model's groups."""
+    cfg = dict(optim)
+    lr, weight_decay = float(cfg["lr"]), float(cfg.get("weight_decay", 0.0))
+    groups = parameter_groups(
+        model,
+        lr=lr,
+        weight_decay=weight_decay,
+        gamma_lr_mult=gamma_lr_mult,
+        gamma_weight_decay=gamma_weight_decay,
+    )
+    return hydra.utils.instantiate(cfg, params=groups, _convert_="all")
+
+
+@dataclass
+class WarmupSchedule:
+    """Learning-rate factor per optimizer step: linear warmup, then cosine or constant.
+
+    ``warmup_steps=0`` is "no warmup", the setting the paper trains SGD/LARS ViTs under with
+    σReparam. Warmup rises linearly to 1 at ``warmup_steps`` (step 0 already gets 1/warmup_steps so no
+    step is wasted at lr 0); cosine then decays to ``min_lr_ratio`` at ``total_steps``.
+    A plain dataclass of numbers, so LambdaLR's state_dict stays weights_only-loadable.
+    """
+
+    total_steps: int
+    warmup_steps: int = 0
+    decay: str = "cosine"
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.decay not in ("cosine", "constant"):
+            raise ConfigError(f"schedule.decay must be 'cosine' or 'constant', got {self.decay!r}.")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}.")
+        if self.warmup_steps >= self.total_steps:
+            raise ConfigError(
+                f"schedule.warmup_steps={self.warmup_steps} is not below the run's {self.total_steps} "
+                f"optimizer steps: lower the warmup or train longer (trainer.max_steps / max_epochs)."
+            )
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: dict[str, Any], total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step LambdaLR from the ``schedule`` config (warmup_steps, decay, min_lr_ratio)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupSchedule(total_steps=total_steps, **schedule))

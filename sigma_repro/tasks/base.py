@@ -1,0 +1,103 @@
+"""What every task family shares: optimizer and schedule from config, divergence handling,
+loss-spike bookkeeping and per-step seeding for exact resume.
+
+A task wraps ``self.model`` (the nn.Module the reparam plugin and the diagnostics see) and never
+reads files: data comes from a DataModule, the model from ``sigma_repro.models``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from sigma_repro.optim import build_optimizer, build_scheduler
+
+
+def count_loss_spikes(losses: list[float], *, window: int = 20, factor: float = 2.0) -> int:
+    """Steps whose loss exceeds ``factor`` x the median of the ``window`` steps before it."""
+    return sum(
+        1
+        for t in range(window, len(losses))
+        if losses[t] > factor * statistics.median(losses[t - window : t])
+    )
+
+
+class StabilityTask(L.LightningModule):
+    """Base LightningModule: subclasses implement ``compute_loss(batch, stage) -> (loss, logs)``
+    and ``probe_inputs(n) -> (args, kwargs)`` (the fixed batch the diagnostics probe)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        optim: dict[str, Any],
+        schedule: dict[str, Any],
+        gamma_lr_mult: float = 1.0,
+        gamma_weight_decay: bool = False,
+        seed: int = 0,
+        spike_window: int = 20,
+        spike_factor: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        # Plain dicts only: checkpoints must load with torch's weights_only=True.
+        self.save_hyperparameters(ignore=["model"])
+        self.train_losses: list[float] = []
+        self.diverged_step: int | None = None
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = build_optimizer(
+            self.model, hp.optim, gamma_lr_mult=hp.gamma_lr_mult, gamma_weight_decay=hp.gamma_weight_decay
+        )
+        scheduler = build_scheduler(optimizer, hp.schedule, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Dropout/drop-path randomness is a function of (seed, step), so a run resumed from any
+        # checkpoint draws exactly what the uninterrupted run drew.
+        torch.manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+
+    def training_step(self, batch: Any, batch_idx: int):
+        loss, logs = self.compute_loss(batch, "train")
+        if not torch.isfinite(loss):
+            # Divergence ends the run cleanly: no optimizer step, the trainer stops after this batch.
+            self.diverged_step = self.global_step
+            self.trainer.should_stop = True
+            self.log("train/diverged", 1.0, on_step=True)
+            return None
+        self.train_losses.append(loss.item())
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, logs = self.compute_loss(batch, "val")
+        self.log("val/loss", loss, on_epoch=True, prog_bar=False)
+        self.log_dict({f"val/{k}": v for k, v in logs.items()}, on_epoch=True, prog_bar=True)
+
+    def compute_loss(self, batch: Any, stage: str) -> tuple[torch.Tensor, dict[str, Any]]:
+        raise NotImplementedError
+
+    def probe_inputs(self, n: int) -> tuple[tuple, dict]:
+        raise NotImplementedError
+
+    # -- run bookkeeping ------------------------------------------------------------------------
+    def loss_spikes(self) -> int:
+        return count_loss_spikes(
+            self.train_losses, window=self.hparams.spike_window, factor=self.hparams.spike_factor
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sigma_repro"] = {"train_losses": list(self.train_losses), "diverged_step": self.diverged_step}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("sigma_repro", {})
+        self.train_losses = list(state.get("train_losses", []))
+        self.diverged_step = state.get("diverged_step")

@@ -1,0 +1,262 @@
+"""The Hydra app ``sigma-repro-train`` (= ``python -m sigma_repro.train``).
+
+One run, as data flows (DESIGN.md):
+  compose conf/train.yaml -> deterministic job dir (no timestamps)
+  -> DONE.json there: print the stored result and exit (idempotent re-runs and sweeps)
+  -> build DataModule (validates paths) -> model (shapes from the data) -> reparam plugin
+  -> Task -> Trainer.fit, resuming from checkpoints/last.ckpt when it exists
+  -> summary.json (finished | diverged | failed, metrics, divergence step, wall time, git sha,
+     resolved config) -> DONE.json for finished and diverged runs.
+A failed run writes summary.json without DONE.json, so the same command retries it; inside a
+multirun it returns instead of raising, so one failure never takes the sweep down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from sigma_repro.errors import ConfigError
+
+log = logging.getLogger("sigma_repro")
+
+SUMMARY, DONE = "summary.json", "DONE.json"
+_MAX_DIRNAME = 120
+
+
+def job_dir_name(experiment: str | None, override_dirname: str, seed: Any) -> str:
+    """``<experiment>/<overrides>/seed=<seed>``: same command, same dir; long override lists get a hash."""
+    overrides = re.sub(r"[^A-Za-z0-9_.,=+\-]", "_", override_dirname) or "default"
+    if len(overrides) > _MAX_DIRNAME:
+        digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
+        overrides = f"{overrides[:_MAX_DIRNAME - 11]}~{digest}"
+    return f"{experiment or 'default'}/{overrides}/seed={seed}"
+
+
+OmegaConf.register_new_resolver("sr_job_dir", job_dir_name, replace=True)
+
+
+# -- run metadata ---------------------------------------------------------------------------------
+def git_sha() -> str | None:
+    """HEAD of the checkout the package runs from, with '-dirty' for uncommitted changes."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("-dirty" if dirty else "")
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    return {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+
+
+def run_tags(cfg: DictConfig) -> list[str]:
+    """Filterable W&B tags: optimizer, warmup, reparam, norm, experiment cell."""
+    choices = HydraConfig.get().runtime.choices
+    norms = "no-norm" if cfg.reparam.get("remove_norms") else "norm"
+    warmup = "warmup" if cfg.schedule.warmup_steps > 0 else "no-warmup"
+    return [f"optim:{choices.get('optim')}", warmup, f"reparam:{cfg.reparam.name}", norms,
+            f"model:{choices.get('model')}", f"data:{choices.get('data')}", *cfg.logger.wandb.get("extra_tags", [])]
+
+
+# -- building blocks ------------------------------------------------------------------------------
+def build_model(cfg: DictConfig, datamodule):
+    """Model from config with shapes from the data, then the reparam plugin (before the optimizer)."""
+    from sigma_repro import reparam as rp
+
+    model = hydra.utils.instantiate(
+        cfg.model, img_size=datamodule.image_size, in_chans=datamodule.channels, num_classes=datamodule.num_classes
+    )
+    opts = OmegaConf.to_container(cfg.reparam, resolve=True)
+    name = opts.pop("name")
+    opts.pop("gamma_lr_mult", None), opts.pop("gamma_weight_decay", None)
+    if name == "none":
+        if opts.get("remove_norms"):
+            rp.remove_norm_layers(model)
+    else:
+        rp.apply_sigma_reparam(model, **opts)
+    return model
+
+
+def build_loggers(cfg: DictConfig, out: Path, run_id: str, group: str) -> list:
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    from sigma_repro.loggers import ResumableCSVLogger
+
+    loggers: list = [ResumableCSVLogger(save_dir=str(out), name="", version="")]
+    wb = cfg.logger.get("wandb", {})
+    if wb.get("enabled"):
+        os.environ.setdefault("WANDB_MODE", wb.mode)  # offline unless the user's environment says otherwise
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(WandbLogger(
+            save_dir=str(out), project=wb.project, group=group, job_type=wb.job_type, id=run_id,
+            name=f"{group}/seed={cfg.seed}", tags=run_tags(cfg), mode=os.environ["WANDB_MODE"],
+        ))
+    if cfg.logger.get("tensorboard", {}).get("enabled"):
+        loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""))
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, out: Path, loggers: list):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
+    for c in callbacks:
+        if hasattr(c, "save_dir") and c.save_dir is None:
+            c.save_dir = str(out)
+    callbacks.append(ModelCheckpoint(
+        dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0, enable_version_counter=False,
+        every_n_train_steps=cfg.checkpoint_every_n_steps, save_on_train_epoch_end=True,
+    ))
+    return hydra.utils.instantiate(cfg.trainer, default_root_dir=str(out), logger=loggers, callbacks=callbacks)
+
+
+# -- one run --------------------------------------------------------------------------------------
+def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """Fit one configured run in ``out``; returns the summary (status finished or diverged)."""
+    import lightning as L
+    import torch
+
+    from sigma_repro.loggers import trim_metrics_after
+
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data, seed=cfg.seed)  # validates data paths first
+    model = build_model(cfg, datamodule)
+    task = hydra.utils.instantiate(
+        cfg.task, model=model, num_classes=datamodule.num_classes,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
+        gamma_lr_mult=cfg.reparam.get("gamma_lr_mult", 1.0),
+        gamma_weight_decay=cfg.reparam.get("gamma_weight_decay", False),
+        seed=cfg.seed,
+    )
+    rel = Path(HydraConfig.get().runtime.output_dir).resolve()
+    run_id = hashlib.sha1(str(rel.relative_to(Path(cfg.paths.runs_dir).resolve())).encode()).hexdigest()[:16]
+    group = HydraConfig.get().runtime.choices.get("experiment") or "default"
+    last = out / "checkpoints" / "last.ckpt"
+    ckpt_path = str(last) if last.exists() else None
+    if ckpt_path:
+        trim_metrics_after(out / "metrics.csv", torch.load(last, map_location="cpu", weights_only=True)["global_step"])
+        log.info("resuming from %s", last)
+    loggers = build_loggers(cfg, out, run_id, group)
+    for lg in loggers[1:]:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer = build_trainer(cfg, out, loggers)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    return {
+        "status": "diverged" if task.diverged_step is not None else "finished",
+        "diverged_step": task.diverged_step,
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "loss_spikes": task.loss_spikes(),
+        "metrics": metrics,
+        "wandb_run_id": run_id if cfg.logger.get("wandb", {}).get("enabled") else None,
+    }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)  # atomic: a reader never sees half a summary
+
+
+def print_summary(summary: dict[str, Any], out: Path, *, stored: bool = False) -> None:
+    head = "stored result (delete DONE.json to rerun)" if stored else "run ended"
+    lines = [f"sigma-repro: {head}: status {summary['status']}"]
+    if summary.get("diverged_step") is not None:
+        lines.append(f"  diverged at step {summary['diverged_step']}")
+    if summary.get("error"):
+        lines.append(f"  error: {summary['error']}")
+    for key in sorted(summary.get("metrics", {})):
+        if key.startswith(("val/", "train/loss")) or key == "diag/attn_entropy/min":
+            lines.append(f"  {key:28s} {summary['metrics'][key]:.4f}")
+    lines.append(f"  run dir     {out}")
+    for label, rel in (("metrics", "metrics.csv"), ("plots", "plots"), ("checkpoint", "checkpoints/last.ckpt"),
+                       ("wandb", "wandb")):
+        if (out / rel).exists():
+            lines.append(f"  {label:11s} {out / rel}")
+    print("\n".join(lines), flush=True)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or skip, or resume) the job whose dir Hydra chose; always leaves a summary.json."""
+    out = Path(HydraConfig.get().runtime.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / DONE).exists():
+        summary = json.loads((out / SUMMARY).read_text())
+        print_summary(summary, out, stored=True)
+        return summary
+
+    started = time.time()
+    previous = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).exists() else {}
+    try:
+        summary = train(cfg, out)
+    except ConfigError as err:
+        summary = {"status": "failed", "error": str(err)}
+    except Exception as err:  # noqa: BLE001 - recorded in summary.json; the sweep goes on
+        summary = {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+    finally:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(quiet=True)
+    summary.update(
+        wall_time_s=round(time.time() - started + previous.get("wall_time_s", 0.0), 2),
+        launches=previous.get("launches", 0) + 1,
+        git_sha=git_sha(),
+        machine=machine_info(),
+        command=" ".join(sys.argv),
+        run_dir=str(out),
+        ended_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    write_json(out / SUMMARY, summary)
+    if summary["status"] in ("finished", "diverged"):
+        write_json(out / DONE, {"status": summary["status"], "summary": SUMMARY})
+    print_summary(summary, out)
+    if summary["status"] == "failed" and HydraConfig.get().mode != RunMode.MULTIRUN:
+        if "traceback" in summary:
+            print(summary["traceback"], file=sys.stderr)
+        sys.exit(1)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> dict[str, Any]:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
