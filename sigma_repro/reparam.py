@@ -14,7 +14,7 @@ Eligible weights: `nn.Linear` (also MultiheadAttention's `out_proj`), `nn.Conv1d
 (grouped and depthwise included; a kernel (out, in/groups, k...) is read as an
 (out, in/groups·k...) matrix) and `nn.MultiheadAttention`'s `in_proj_weight` or its separate
 `q/k/v_proj_weight`. Never touched: embeddings, biases, norms, positional embeddings and class
-tokens (none of them is one of those weights), weights that already carry a parametrization
+tokens (none is a weight of those layers), weights that already carry a parametrization
 (e.g. a weight-normed DINO head), and a Linear whose weight Parameter is shared with another
 module (a tied LM head) unless an `include` pattern names it: the embedding would keep reading
 the raw W while the head reads Ŵ.
@@ -26,8 +26,12 @@ parametrization, because `nn.MultiheadAttention` reads `in_proj_weight` three ti
 the parametrization stays a pure function (σ = vᵀWu with grad, from the current u, v), so
 torch.compile sees one graph and every read gives the same Ŵ. A training step that calls the
 root once per optimizer step gets exactly one power step; extra training-mode calls (several SSL
-views, gradient accumulation) only refine σ of the same W. Eval-mode calls change nothing. The
-step depends only on W, so DDP ranks stay identical without broadcasting buffers.
+views, gradient accumulation) only refine σ of the same W. Eval-mode calls change nothing, and so
+do calls that bypass the root (e.g. `model.forward_features`). The step depends only on W, so
+DDP ranks that start equal (same seed, or buffers synced at DDP construction) stay identical
+without syncing buffers every forward. `torch.compile(model)` runs module hooks outside the
+compiled forward, so the step becomes a second small graph; compiling the training-step function
+that calls the model gives one graph.
 
 Checkpoints: keys become `<module>.parametrizations.weight.original` plus
 `<module>.parametrizations.weight.0.{gamma,u,v,sigma}`; such a state dict loads exactly into a
@@ -52,6 +56,8 @@ from torch.nn.utils import parametrize
 from sigma_repro.errors import ConfigError
 
 QKV_MODES = ("fused", "qk_v", "separate")
+# torch's normalisation layers; their subclasses (timm's LayerNorm, LayerNorm2d) match too.
+# timm's own RmsNorm is not a torch subclass and is kept.
 NORM_TYPES = (
     nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
     nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
@@ -93,13 +99,11 @@ class SigmaReparam(nn.Module):
     @torch.no_grad()
     def reset(self, weight: torch.Tensor) -> None:
         """Exact σ, u, v from an SVD of each row block of W; γ per `gamma_init`."""
-        us, vs, sigmas = [], [], []
-        for block in _matrix(weight).float().split(self.split_sizes):  # (rows_i, cols)
-            U, S, Vh = torch.linalg.svd(block, full_matrices=False)
-            us.append(Vh[0]), vs.append(U[:, 0]), sigmas.append(S[0])
-        self.u.copy_(torch.stack(us))
-        self.v.copy_(torch.cat(vs))
-        self.sigma.copy_(torch.stack(sigmas))
+        blocks = _matrix(weight).float().split(self.split_sizes)  # each (rows_i, cols)
+        svds = [torch.linalg.svd(block, full_matrices=False) for block in blocks]
+        self.u.copy_(torch.stack([Vh[0] for _, _, Vh in svds]))
+        self.v.copy_(torch.cat([U[:, 0] for U, _, _ in svds]))
+        self.sigma.copy_(torch.stack([S[0] for _, S, _ in svds]))
         if self.gamma_init == "sigma":
             self.gamma.copy_(self.sigma)
         else:
@@ -190,7 +194,7 @@ def _select(targets: list[_Target], include: Sequence[str] | None, exclude: Sequ
 
 def _remove_norms(model: nn.Module) -> None:
     for module in list(model.modules()):
-        for child_name, child in module.named_children():
+        for child_name, child in list(module.named_children()):
             if isinstance(child, NORM_TYPES):
                 setattr(module, child_name, nn.Identity())
 
@@ -284,14 +288,15 @@ def load_plain_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor])
     are re-initialised by SVD and γ per its gamma_init from the loaded weights, which gives the
     same model as loading into the plain model and applying σReparam afterwards.
     """
-    if any(".parametrizations." in key or key.startswith("parametrizations.") for key in state_dict):
-        raise ConfigError("state_dict already holds σReparam keys (parametrizations.*); "
-                          "load it with model.load_state_dict instead")
     mapped = dict(state_dict)
     for module_name, _, tensor_name, reparam in _parametrized(model):
         prefix = f"{module_name}." if module_name else ""
+        original_key = f"{prefix}parametrizations.{tensor_name}.original"
+        if original_key in state_dict:
+            raise ConfigError(f"state_dict already holds σReparam keys ({original_key}); "
+                              f"load it with model.load_state_dict instead")
         if prefix + tensor_name in mapped:
-            mapped[f"{prefix}parametrizations.{tensor_name}.original"] = mapped.pop(prefix + tensor_name)
+            mapped[original_key] = mapped.pop(prefix + tensor_name)
         mapped.update(reparam.state_dict(prefix=f"{prefix}parametrizations.{tensor_name}.0."))
     model.load_state_dict(mapped)
     for _, module, tensor_name, reparam in _parametrized(model):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import platform
 import re
@@ -34,8 +33,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from sigma_repro.errors import ConfigError
-
-log = logging.getLogger("sigma_repro")
 
 SUMMARY, DONE = "summary.json", "DONE.json"
 _MAX_DIRNAME = 120
@@ -102,7 +99,7 @@ def build_model(cfg: DictConfig, datamodule):
     opts.pop("gamma_lr_mult", None), opts.pop("gamma_weight_decay", None)
     if name == "none":
         if opts.get("remove_norms"):
-            rp.remove_norm_layers(model)
+            rp._remove_norms(model)
     else:
         rp.apply_sigma_reparam(model, **opts)
     return model
@@ -152,8 +149,10 @@ def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data, seed=cfg.seed)  # validates data paths first
     model = build_model(cfg, datamodule)
-    task = hydra.utils.instantiate(
-        cfg.task, model=model, num_classes=datamodule.num_classes,
+    # The task gets plain dicts (not DictConfig): they land in checkpoints loaded with weights_only=True.
+    task = hydra.utils.instantiate(cfg.task, _partial_=True, _convert_="all")(
+        model=model,
+        num_classes=datamodule.num_classes,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
         gamma_lr_mult=cfg.reparam.get("gamma_lr_mult", 1.0),
@@ -167,7 +166,7 @@ def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
     ckpt_path = str(last) if last.exists() else None
     if ckpt_path:
         trim_metrics_after(out / "metrics.csv", torch.load(last, map_location="cpu", weights_only=True)["global_step"])
-        log.info("resuming from %s", last)
+        print(f"sigma-repro: resuming from {last}", flush=True)
     loggers = build_loggers(cfg, out, run_id, group)
     for lg in loggers[1:]:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -176,6 +175,7 @@ def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     return {
+        **entropy_summary(trainer),
         "status": "diverged" if task.diverged_step is not None else "finished",
         "diverged_step": task.diverged_step,
         "steps": trainer.global_step,
@@ -184,6 +184,20 @@ def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "metrics": metrics,
         "wandb_run_id": run_id if cfg.logger.get("wandb", {}).get("enabled") else None,
     }
+
+
+def entropy_summary(trainer) -> dict[str, Any]:
+    """Final and minimum attention entropy per layer (mean over heads) from the diagnostics callback."""
+    import numpy as np
+
+    from sigma_repro.diagnostics.callbacks import AttentionDiagnostics
+
+    probe = next((c for c in trainer.callbacks if isinstance(c, AttentionDiagnostics)), None)
+    if probe is None or not probe.history["steps"]:
+        return {}
+    per_layer = np.nanmean(np.asarray(probe.history["entropy"], dtype=float), axis=-1)  # (steps, layers)
+    return {"attention_entropy": {"layers": list(probe.history["layers"]),
+                                  "final": per_layer[-1].round(5).tolist(), "min": per_layer.min(0).round(5).tolist()}}
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -200,8 +214,12 @@ def print_summary(summary: dict[str, Any], out: Path, *, stored: bool = False) -
     if summary.get("error"):
         lines.append(f"  error: {summary['error']}")
     for key in sorted(summary.get("metrics", {})):
-        if key.startswith(("val/", "train/loss")) or key == "diag/attn_entropy/min":
+        if key.startswith(("val/", "train/loss")):
             lines.append(f"  {key:28s} {summary['metrics'][key]:.4f}")
+    if "attention_entropy" in summary:
+        ent = summary["attention_entropy"]
+        lines.append("  attention entropy per layer, final: " + " ".join(f"{x:.2f}" for x in ent["final"]))
+        lines.append("  attention entropy per layer, min:   " + " ".join(f"{x:.2f}" for x in ent["min"]))
     lines.append(f"  run dir     {out}")
     for label, rel in (("metrics", "metrics.csv"), ("plots", "plots"), ("checkpoint", "checkpoints/last.ckpt"),
                        ("wandb", "wandb")):

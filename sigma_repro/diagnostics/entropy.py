@@ -25,9 +25,11 @@ Supported attention modules (found by ``named_modules``; others are ignored):
   (bool or float) and ``is_causal`` are applied; in self-attention, queries at padded positions are
   excluded. Its own ``need_weights=True`` output is not used: in train mode it is post-dropout.
 
-Queries that see no key (fully masked rows) are excluded. The normalized entropy divides each
-query's entropy by log(number of keys it may attend to); queries with a single key have no
-freedom and are excluded from that average.
+A key is masked only where its logit bias is -inf (bool masks become -inf; a float mask using a
+large finite negative number counts those keys as visible for the normalized entropy). Queries
+that see no key (fully masked rows) are excluded. The normalized entropy divides each query's
+entropy by log(number of keys it may attend to); queries with a single key have no freedom and
+are excluded from that average.
 """
 
 from __future__ import annotations

@@ -1,0 +1,441 @@
+"""σReparam plugin: every property checked against an independent computation (SVD norms,
+hand-written power steps and formulas), on tiny timm ViTs and nn.MultiheadAttention models."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm as TimmLayerNorm
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from sigma_repro.errors import ConfigError
+from sigma_repro.reparam import (
+    NORM_TYPES,
+    SigmaReparam,
+    apply_sigma_reparam,
+    gamma_parameters,
+    iter_sigma_reparam,
+    load_plain_state_dict,
+    power_step,
+    remove_sigma_reparam,
+)
+
+torch.set_num_threads(1)
+D = 24  # embedding width of the tiny models
+
+
+def tiny_vit(seed=0):
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=16, patch_size=8, embed_dim=D, depth=2, num_heads=2, num_classes=5)
+
+
+def encoder_layer(seed=0):
+    torch.manual_seed(seed)
+    return nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+
+
+def images(n=4, seed=1):
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def tokens(n=3, t=5, d=16, seed=1):
+    return torch.randn(n, t, d, generator=torch.Generator().manual_seed(seed))
+
+
+def raw_weight(model, name):
+    """The unparametrised W of "<module>.<tensor>", as (rows, cols)."""
+    module_name, _, tensor_name = name.rpartition(".")
+    weight = model.get_submodule(module_name).parametrizations[tensor_name].original.detach()
+    return weight.reshape(weight.shape[0], -1)
+
+
+def exact_sigmas(matrix, split_sizes):
+    return torch.stack([torch.linalg.matrix_norm(block, ord=2) for block in matrix.split(split_sizes)])
+
+
+def train_steps(model, inputs, steps, lr=1e-4):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(inputs).square().mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("qkv", ["fused", "qk_v", "separate"])
+def test_sigma_exact_at_init_and_tracks_during_adamw(qkv):
+    model = apply_sigma_reparam(tiny_vit(), qkv=qkv)
+    reparams = dict(iter_sigma_reparam(model))
+    assert len(reparams) == 1 + 4 * 2 + 1  # patch embed, 4 matrices per block, head
+    expected_splits = {"fused": [3 * D], "qk_v": [2 * D, D], "separate": [D, D, D]}[qkv]
+    assert reparams["blocks.0.attn.qkv.weight"].split_sizes == expected_splits
+    for name, reparam in reparams.items():
+        exact = exact_sigmas(raw_weight(model, name), reparam.split_sizes)
+        torch.testing.assert_close(reparam.sigma, exact, rtol=1e-5, atol=0)
+        torch.testing.assert_close(reparam.gamma.detach(), exact, rtol=1e-5, atol=0)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = images()
+    for _ in range(8):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        # The pre-hook stepped σ on the W of this forward: compare before the optimizer moves W.
+        for name, reparam in reparams.items():
+            exact = exact_sigmas(raw_weight(model, name), reparam.split_sizes)
+            assert ((reparam.sigma - exact).abs() / exact).max() < 3e-2
+            assert (reparam.sigma <= exact * (1 + 1e-5)).all()  # vᵀWu never exceeds σ
+        opt.step()
+
+
+def test_power_step_matches_hand_written_iteration():
+    model = apply_sigma_reparam(nn.Sequential(nn.Linear(6, 9)), qkv="fused")
+    reparam = model[0].parametrizations.weight[0]
+    with torch.no_grad():
+        model[0].parametrizations.weight.original.add_(torch.randn(9, 6))
+    W = model[0].parametrizations.weight.original.detach()
+    u = reparam.u[0].clone()
+    v_new = W @ u / (W @ u).norm()
+    u_new = W.T @ v_new / (W.T @ v_new).norm()
+    power_step(model)
+    torch.testing.assert_close(reparam.u[0], u_new)
+    torch.testing.assert_close(reparam.v, v_new)
+    torch.testing.assert_close(reparam.sigma[0], v_new @ W @ u_new)
+
+
+def test_gradient_flows_through_sigma():
+    lin = nn.Linear(5, 7)
+    model = apply_sigma_reparam(nn.Sequential(lin)).eval()
+    reparam = lin.parametrizations.weight[0]
+    x = torch.randn(3, 5)
+    model(x).square().sum().backward()
+    W = lin.parametrizations.weight.original.detach().clone().requires_grad_()
+    w_hat = reparam.gamma.detach() / (reparam.v @ W @ reparam.u[0]) * W
+    F.linear(x, w_hat, lin.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(lin.parametrizations.weight.original.grad, W.grad)
+
+
+@pytest.mark.parametrize("qkv", ["fused", "qk_v", "separate"])
+def test_vit_function_unchanged_at_apply(qkv):
+    plain, x = tiny_vit().eval(), images()
+    expected = plain(x)
+    model = apply_sigma_reparam(copy.deepcopy(plain), qkv=qkv)
+    assert (model(x) - expected).abs().max() < 1e-5
+
+
+def test_mha_models_function_unchanged_at_apply():
+    layer, x = encoder_layer().eval(), tokens()
+    kv = torch.randn(3, 4, 10)
+    cross = nn.MultiheadAttention(16, 2, kdim=10, vdim=10, batch_first=True).eval()
+    expected = layer(x), cross(x, kv, kv)[0]
+    apply_sigma_reparam(layer, qkv="qk_v")
+    apply_sigma_reparam(cross)
+    assert (layer(x) - expected[0]).abs().max() < 1e-5
+    assert (cross(x, kv, kv)[0] - expected[1]).abs().max() < 1e-5
+    assert {n for n, _ in iter_sigma_reparam(layer)} == {
+        "self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight"}
+    assert {n for n, _ in iter_sigma_reparam(cross)} == {
+        "q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"}
+    for name, reparam in iter_sigma_reparam(cross):  # each separate q/k/v matrix gets its own σ
+        matrix = raw_weight(cross, name)
+        torch.testing.assert_close(reparam.sigma, exact_sigmas(matrix, [matrix.shape[0]]))
+
+
+@pytest.mark.parametrize("qkv,gamma_init", [("fused", "sigma"), ("qk_v", 1.0), ("separate", 0.5)])
+def test_spectral_norm_of_w_hat_equals_gamma(qkv, gamma_init):
+    model = apply_sigma_reparam(tiny_vit(), qkv=qkv, gamma_init=gamma_init)
+    for name, reparam in iter_sigma_reparam(model):
+        module_name, _, tensor_name = name.rpartition(".")
+        w_hat = getattr(model.get_submodule(module_name), tensor_name).detach()
+        norms = exact_sigmas(w_hat.reshape(w_hat.shape[0], -1), reparam.split_sizes)
+        torch.testing.assert_close(norms, reparam.gamma.detach(), rtol=1e-5, atol=0)
+        if gamma_init != "sigma":
+            assert (reparam.gamma == gamma_init).all()
+
+
+def test_mha_gamma_of_in_proj_and_out_proj_reach_the_output():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    with torch.no_grad():
+        mha.in_proj_bias.zero_(), mha.out_proj.bias.zero_()
+    apply_sigma_reparam(mha, qkv="qk_v")
+    x = tokens()
+    base = mha(x, x, x)[0].detach()
+    in_proj = mha.parametrizations.in_proj_weight[0]
+    out_proj = mha.out_proj.parametrizations.weight[0]
+    with torch.no_grad():
+        out_proj.gamma.mul_(2)  # MHA reads out_proj.weight directly: it must see Ŵ
+    torch.testing.assert_close(mha(x, x, x)[0], 2 * base)
+    with torch.no_grad():
+        out_proj.gamma.div_(2), in_proj.gamma[1].mul_(3)  # v rows only: attention weights unchanged, output x3
+    torch.testing.assert_close(mha(x, x, x)[0], 3 * base)
+    with torch.no_grad():
+        in_proj.gamma[0].mul_(2)  # q and k rows: the attention pattern changes
+    assert (mha(x, x, x)[0] - 3 * base).abs().max() > 1e-3
+
+
+def test_one_power_step_per_training_step(monkeypatch):
+    model = nn.Sequential(encoder_layer(), nn.Linear(16, 4))
+    apply_sigma_reparam(model)
+    n_reparams = len(list(iter_sigma_reparam(model)))
+    steps, forwards = [], []
+    original_step, original_forward = SigmaReparam.power_step, SigmaReparam.forward
+    monkeypatch.setattr(SigmaReparam, "power_step", lambda self, w: steps.append(self) or original_step(self, w))
+    monkeypatch.setattr(SigmaReparam, "forward", lambda self, w: forwards.append(self) or original_forward(self, w))
+    in_proj = model[0].self_attn.parametrizations.in_proj_weight[0]
+
+    train_steps(model, tokens(), steps=3)
+    assert len(steps) == 3 * n_reparams
+    assert all(steps.count(r) == 3 for _, r in iter_sigma_reparam(model))
+    assert forwards.count(in_proj) >= 3 * 3  # MHA reads in_proj_weight several times per forward
+
+    model.eval()
+    u_before = {n: r.u.clone() for n, r in iter_sigma_reparam(model)}
+    with torch.no_grad():
+        model(tokens())
+    assert len(steps) == 3 * n_reparams
+    assert all(torch.equal(r.u, u_before[n]) for n, r in iter_sigma_reparam(model))
+
+
+def test_two_views_then_one_backward():
+    """SSL steps call the root once per view before backward: the second power step must not
+    invalidate the u, v saved by the first forward's graph."""
+    model, x = apply_sigma_reparam(tiny_vit()).train(), images()
+    (model(x) - model(x.flip(-1))).square().mean().backward()
+    assert all(r.gamma.grad.isfinite().all() for _, r in iter_sigma_reparam(model))
+
+
+def test_grouped_and_depthwise_conv_keep_output_and_train():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.GELU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.GELU(),  # depthwise
+        nn.Flatten(2), nn.Conv1d(8, 8, 5, padding=2, groups=8), nn.Conv1d(8, 3, 1))
+    x = torch.randn(2, 8, 6, 6)
+    expected = model(x).detach()
+    apply_sigma_reparam(model)
+    assert (model(x) - expected).abs().max() < 1e-5
+    for name, reparam in iter_sigma_reparam(model):
+        matrix = raw_weight(model, name)  # (out, in/groups·k...)
+        torch.testing.assert_close(reparam.sigma, exact_sigmas(matrix, [matrix.shape[0]]))
+    assert raw_weight(model, "0.weight").shape == (8, 2 * 9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = (model(x) - 1).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_stats_only_tracks_sigma_and_leaves_model_unchanged():
+    plain, x = tiny_vit(), images()
+    model = apply_sigma_reparam(copy.deepcopy(plain), stats_only=True)
+    assert gamma_parameters(model) == []
+    train_steps(plain, x, steps=3)
+    train_steps(model, x, steps=3)
+    with torch.no_grad():
+        model(x)  # a training-mode call: one more power step, on the current W
+    for name, reparam in iter_sigma_reparam(model):
+        assert not reparam.gamma.requires_grad
+        exact = exact_sigmas(raw_weight(model, name), reparam.split_sizes)
+        assert ((reparam.sigma - exact).abs() / exact).max() < 3e-2
+    plain.eval(), model.eval()
+    torch.testing.assert_close(model(x), plain(x))
+
+
+def test_remove_norms_replaces_every_norm_layer():
+    model = nn.Sequential(tiny_vit(), nn.BatchNorm1d(5), nn.GroupNorm(1, 5), TimmLayerNorm(5), nn.RMSNorm(5))
+    apply_sigma_reparam(model, remove_norms=True)
+    torch_norms = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
+    assert not [n for n, m in model.named_modules() if isinstance(m, torch_norms)]
+    assert not [n for n, m in model.named_modules() if isinstance(m, NORM_TYPES)]
+    assert isinstance(model[0].blocks[0].norm1, nn.Identity) and isinstance(model[4], nn.Identity)
+    assert model(images()).isfinite().all()
+
+
+def test_include_and_exclude_patterns():
+    excluded = {n for n, _ in iter_sigma_reparam(apply_sigma_reparam(tiny_vit(), exclude=["head", "patch_embed.*"]))}
+    assert "head.weight" not in excluded and "patch_embed.proj.weight" not in excluded
+    assert "blocks.1.mlp.fc2.weight" in excluded
+    included = {n for n, _ in iter_sigma_reparam(apply_sigma_reparam(tiny_vit(), include=["blocks.*.attn.*"]))}
+    assert included == {f"blocks.{i}.attn.{p}.weight" for i in range(2) for p in ("qkv", "proj")}
+    with pytest.raises(ConfigError, match=r"'heads'.*blocks\.0\.attn\.qkv"):
+        apply_sigma_reparam(tiny_vit(), exclude=["heads"])
+    with pytest.raises(ConfigError, match="leave no weight"):
+        apply_sigma_reparam(tiny_vit(), include=["head"], exclude=["head"])
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.body = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 11, bias=False)
+        self.head.weight = self.embed.weight  # weight tying
+
+    def forward(self, idx):
+        return self.head(self.body(self.embed(idx)))
+
+
+def test_tied_head_and_embedding_untouched_unless_included():
+    assert [n for n, _ in iter_sigma_reparam(apply_sigma_reparam(TinyLM()))] == ["body.weight"]
+    model = apply_sigma_reparam(TinyLM(), include=["head"])
+    assert [n for n, _ in iter_sigma_reparam(model)] == ["head.weight"]
+    assert model.head.parametrizations.weight.original is model.embed.weight
+
+
+def test_already_parametrized_weight_is_skipped():
+    def build():
+        return nn.Sequential(nn.Linear(4, 4), nn.utils.parametrizations.weight_norm(nn.Linear(4, 3)))
+
+    plain_state = build().state_dict()  # holds weight-norm keys 1.parametrizations.weight.original0/1
+    model = apply_sigma_reparam(build())
+    assert [n for n, _ in iter_sigma_reparam(model)] == ["0.weight"]
+    load_plain_state_dict(model, plain_state)
+    assert torch.equal(model[0].parametrizations.weight.original, plain_state["0.weight"])
+
+
+def test_state_dict_round_trip_is_exact():
+    x = images()
+    model = apply_sigma_reparam(tiny_vit(seed=0), qkv="qk_v")
+    train_steps(model, x, steps=2)
+    state = model.state_dict()
+    assert "blocks.0.attn.qkv.parametrizations.weight.0.gamma" in state
+    fresh = apply_sigma_reparam(tiny_vit(seed=1), qkv="qk_v")
+    fresh.load_state_dict(state)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
+    model.eval(), fresh.eval()
+    assert torch.equal(model(x), fresh(x))
+
+
+def test_remove_sigma_reparam_bakes_w_hat_exactly():
+    x = images()
+    model = apply_sigma_reparam(tiny_vit(), qkv="separate")
+    train_steps(model, x, steps=2, lr=1e-2)
+    qkv_weight = model.blocks[0].attn.qkv.parametrizations.weight.original
+    model.eval()
+    expected = model(x).detach()
+    remove_sigma_reparam(model)
+    assert model.blocks[0].attn.qkv.weight is qkv_weight  # optimizer references stay valid
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert torch.equal(model(x), expected)
+    exported = tiny_vit(seed=1).eval()
+    exported.load_state_dict(model.state_dict())  # plain timm keys, strict
+    assert torch.equal(exported(x), expected)
+    model.train()
+    model(x)  # no hook, no parametrization left to step
+    assert next(iter_sigma_reparam(model), None) is None
+
+
+def test_load_plain_state_dict_equals_load_then_apply():
+    plain_state = tiny_vit(seed=3).state_dict()
+    loaded_first = tiny_vit(seed=0)
+    loaded_first.load_state_dict(plain_state)
+    apply_sigma_reparam(loaded_first, qkv="qk_v", gamma_init=1.0)
+    applied_first = apply_sigma_reparam(tiny_vit(seed=0), qkv="qk_v", gamma_init=1.0)
+    load_plain_state_dict(applied_first, plain_state)
+    expected = loaded_first.state_dict()
+    assert list(applied_first.state_dict()) == list(expected)
+    assert all(torch.equal(applied_first.state_dict()[k], v) for k, v in expected.items())
+    with pytest.raises(ConfigError, match="load_state_dict"):
+        load_plain_state_dict(applied_first, expected)
+
+
+def test_bf16_autocast_keeps_sigma_in_fp32():
+    model, x = apply_sigma_reparam(tiny_vit(), qkv="qk_v"), images()
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().square().mean().backward()
+    assert out.dtype == torch.bfloat16 and out.isfinite().all()
+    for name, reparam in iter_sigma_reparam(model):
+        assert reparam.u.dtype == reparam.v.dtype == reparam.sigma.dtype == torch.float32
+        assert reparam.gamma.grad.dtype == torch.float32 and reparam.gamma.grad.isfinite().all()
+        exact = exact_sigmas(raw_weight(model, name), reparam.split_sizes)
+        torch.testing.assert_close(reparam.sigma, exact, rtol=1e-5, atol=0)  # the step ran in fp32
+
+
+def test_torch_compile_one_graph_and_matches_eager():
+    model, x = apply_sigma_reparam(tiny_vit()), images()
+    eager = copy.deepcopy(model)
+
+    def loss_fn(m, inputs):  # the shape of a training step: a function that calls the root
+        return m(inputs).square().mean()
+
+    explanation = torch._dynamo.explain(loss_fn)(model.train(), x)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0)
+
+    compiled = torch.compile(loss_fn, backend="aot_eager")
+    for m, fn in ((model, compiled), (eager, loss_fn)):
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        for _ in range(2):
+            opt.zero_grad()
+            fn(m, x).backward()
+            opt.step()
+    for (name, r), (_, r_eager) in zip(iter_sigma_reparam(model), iter_sigma_reparam(eager)):
+        torch.testing.assert_close(r.u, r_eager.u, msg=name)
+        torch.testing.assert_close(r.gamma, r_eager.gamma, msg=name)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(qkv="split"), r"\['fused', 'qk_v', 'separate'\]"),
+    (dict(gamma_init="1.0"), "positive number"),
+    (dict(gamma_init=True), "positive number"),
+    (dict(gamma_init=-1.0), "positive number"),
+])
+def test_bad_options_raise_config_error(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        apply_sigma_reparam(tiny_vit(), **kwargs)
+
+
+def test_bad_models_raise_config_error():
+    with pytest.raises(ConfigError, match="no nn.Linear"):
+        apply_sigma_reparam(nn.Sequential(nn.Embedding(5, 4), nn.LayerNorm(4)))
+    model = apply_sigma_reparam(tiny_vit())
+    with pytest.raises(ConfigError, match="remove_sigma_reparam"):
+        apply_sigma_reparam(model)
+    odd_qkv = nn.Sequential()
+    odd_qkv.add_module("qkv", nn.Linear(4, 10))
+    with pytest.raises(ConfigError, match="10 rows"):
+        apply_sigma_reparam(odd_qkv, qkv="qk_v")
+
+
+def test_gamma_parameters_form_their_own_param_group():
+    model = apply_sigma_reparam(tiny_vit(), qkv="qk_v")
+    gammas = gamma_parameters(model)
+    assert len(gammas) == len(list(iter_sigma_reparam(model)))
+    gamma_ids = {id(g) for g in gammas}
+    others = [p for p in model.parameters() if id(p) not in gamma_ids]
+    opt = torch.optim.AdamW([{"params": others}, {"params": gammas, "lr": 1e-5, "weight_decay": 0.0}], lr=1e-3)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def _ddp_worker(rank, init_file):
+    import inspect
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    model = apply_sigma_reparam(tiny_vit(seed=0))  # same seed on every rank, as seed_everything does
+    # newer torch renamed the switch; the old name also skips the buffer sync at construction
+    new_name = "forward_sync_buffers" in inspect.signature(DDP).parameters
+    no_sync = "forward_sync_buffers" if new_name else "broadcast_buffers"
+    ddp = DDP(model, **{no_sync: False})
+    train_steps(ddp, images(seed=10 + rank), steps=3, lr=1e-2)  # different data per rank
+    state = torch.cat([t.flatten().float() for t in model.state_dict().values()])
+    gathered = [torch.empty_like(state) for _ in range(2)]
+    dist.all_gather(gathered, state)
+    assert torch.equal(gathered[0], gathered[1])
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_stay_identical_without_buffer_sync(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"),), nprocs=2)

@@ -1,0 +1,130 @@
+"""The Hydra app end to end: run identity, summary, idempotent re-runs, exact resume after a hard
+kill, divergence, bad input, multirun. Every run is a real subprocess of ``sigma_repro.train``."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sigma_repro.train import job_dir_name
+
+from .conftest import ROOT
+
+# A fast digits run: 3-block ViT, 30 optimizer steps, CSV logging only.
+FAST = [
+    "logger=csv", "model.depth=3", "model.embed_dim=32", "trainer.max_steps=30", "trainer.max_epochs=-1",
+    "trainer.enable_progress_bar=false", "callbacks.diagnostics.every_n_steps=10",
+]
+
+
+def train(runs: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sigma_repro.train", f"paths.runs_dir={runs}", *overrides],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def only_run_dir(runs: Path) -> Path:
+    dirs = [p.parent for p in runs.rglob("summary.json")]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def test_job_dir_name_is_deterministic_and_bounded():
+    assert job_dir_name(None, "", 0) == "default/default/seed=0"
+    assert job_dir_name("vit/b16", "optim.lr=0.1,reparam=sigma", 3) == "vit/b16/optim.lr=0.1,reparam=sigma/seed=3"
+    long = ",".join(f"k{i}=v{i}" for i in range(60))
+    name = job_dir_name("x", long, 1)
+    assert name == job_dir_name("x", long, 1) and len(name.split("/")[1]) <= 120
+    assert job_dir_name("x", long, 1) != job_dir_name("x", long + ",z=1", 1)
+
+
+def test_run_writes_summary_and_rerun_returns_stored_result(tmp_path):
+    train(tmp_path, *FAST, "trainer.max_steps=60", "reparam=sigma")
+    run_dir = only_run_dir(tmp_path)
+    assert run_dir.relative_to(tmp_path).as_posix().startswith("default/")
+    assert run_dir.name == "seed=0"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 60
+    assert summary["metrics"]["val/acc"] > 0.3  # 10 classes: chance is 0.1
+    assert summary["config"]["reparam"]["name"] == "sigma" and summary["git_sha"]
+    assert (run_dir / "DONE.json").exists() and (run_dir / "metrics.csv").exists()
+    assert (run_dir / "plots" / "attention_entropy.png").exists()
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)  # no pickled objects
+    assert ckpt["global_step"] == 60
+
+    mtime = (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime
+    again = train(tmp_path, *FAST, "reparam=sigma", "trainer.max_steps=60")  # same overrides, other order
+    assert "stored result" in again.stdout
+    assert (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime == mtime
+    assert only_run_dir(tmp_path) == run_dir
+
+
+def test_hard_kill_then_resume_matches_uninterrupted_run(tmp_path):
+    common = [*FAST, "trainer.deterministic=true", "trainer.max_steps=40", "checkpoint_every_n_steps=5",
+              "model.drop_rate=0.1", "data.batch_size=64"]
+    train(tmp_path / "a", *common)
+    ref_dir = only_run_dir(tmp_path / "a")
+
+    run_dir = tmp_path / "b" / "run"
+    killed = train(tmp_path / "b", *common, f"hydra.run.dir={run_dir}",
+                   "+callbacks.kill._target_=tests.helpers.KillAtStep", "+callbacks.kill.step=27", check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (run_dir / "DONE.json").exists()
+    step_at_kill = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert step_at_kill == 25  # mid-epoch: 1437 // 64 = 22 steps per epoch
+    resumed = train(tmp_path / "b", *common, f"hydra.run.dir={run_dir}")
+    assert "resuming" in resumed.stderr + resumed.stdout
+
+    ref, got = (json.loads((d / "summary.json").read_text()) for d in (ref_dir, run_dir))
+    assert got["status"] == "finished" and got["launches"] == 2
+    for key in ("val/acc", "val/loss", "train/loss"):
+        assert got["metrics"][key] == ref["metrics"][key], key
+    assert got["attention_entropy"]["min"] == ref["attention_entropy"]["min"]
+    assert got["loss_spikes"] == ref["loss_spikes"]
+    a = torch.load(ref_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [int(float(line.split(",")[-1])) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]
+             if line.split(",")[-1]]
+    assert steps == sorted(steps)  # the rows logged between checkpoint and kill were dropped, not doubled
+
+
+def test_divergence_ends_cleanly_with_step(tmp_path):
+    proc = train(tmp_path, *FAST, "optim=sgd", "optim.lr=1e12", "optim.momentum=0.0")
+    summary = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
+    assert summary["status"] == "diverged" and 0 <= summary["diverged_step"] < 30
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_config_name_lists_valid_ones(tmp_path):
+    proc = train(tmp_path, "model=vit_huge", check=False)
+    assert proc.returncode != 0
+    assert "vit_tiny" in proc.stderr and "vit_digits" in proc.stderr
+
+
+def test_missing_data_path_is_named_before_compute(tmp_path):
+    proc = train(tmp_path, *FAST, "data=fashion_mnist", f"data.root={tmp_path / 'nowhere'}", check=False)
+    assert proc.returncode == 1
+    assert str(tmp_path / "nowhere") in proc.stdout and "ubyte" in proc.stdout
+    summary = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
+    assert summary["status"] == "failed" and "traceback" not in summary
+
+
+def test_multirun_survives_a_failing_cell(tmp_path):
+    proc = train(tmp_path, "-m", *FAST, "trainer.max_steps=10", "model.patch_size=2,3")
+    statuses = {d.parent.name: json.loads((d / "summary.json").read_text())["status"]
+                for d in (p.parent for p in tmp_path.rglob("summary.json"))}
+    assert sorted(statuses.values()) == ["failed", "finished"], (statuses, proc.stdout[-2000:])
+    failed = next(json.loads(p.read_text()) for p in tmp_path.rglob("summary.json")
+                  if json.loads(p.read_text())["status"] == "failed")
+    assert "patch_size=3 does not divide" in failed["error"]
