@@ -192,11 +192,13 @@ def _select(targets: list[_Target], include: Sequence[str] | None, exclude: Sequ
     return [t for t in targets if wanted(t)]
 
 
-def _remove_norms(model: nn.Module) -> None:
+def remove_norm_layers(model: nn.Module) -> nn.Module:
+    """Replace every normalisation layer (subclasses of NORM_TYPES) with nn.Identity: the no-LN model."""
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, NORM_TYPES):
                 setattr(module, child_name, nn.Identity())
+    return model
 
 
 def _parametrized(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, SigmaReparam]]:
@@ -236,7 +238,7 @@ def apply_sigma_reparam(model: nn.Module, *, gamma_init: str | float = "sigma", 
     if next(_parametrized(model), None) is not None:
         raise ConfigError("model already has σReparam; call remove_sigma_reparam(model) before applying it again")
     if remove_norms:
-        _remove_norms(model)
+        remove_norm_layers(model)
     targets = _eligible(model, qkv)
     if not targets:
         raise ConfigError(f"{type(model).__name__} has no nn.Linear, nn.Conv1d/2d/3d or nn.MultiheadAttention "

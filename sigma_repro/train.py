@@ -99,7 +99,7 @@ def build_model(cfg: DictConfig, datamodule):
     opts.pop("gamma_lr_mult", None), opts.pop("gamma_weight_decay", None)
     if name == "none":
         if opts.get("remove_norms"):
-            rp._remove_norms(model)
+            rp.remove_norm_layers(model)
     else:
         rp.apply_sigma_reparam(model, **opts)
     return model
@@ -246,10 +246,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - recorded in summary.json; the sweep goes on
         summary = {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
     finally:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish(quiet=True)
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:
+            wandb.finish()  # one W&B run per job, also inside a multirun
     summary.update(
         wall_time_s=round(time.time() - started + previous.get("wall_time_s", 0.0), 2),
         launches=previous.get("launches", 0) + 1,

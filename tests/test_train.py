@@ -128,3 +128,18 @@ def test_multirun_survives_a_failing_cell(tmp_path):
     failed = next(json.loads(p.read_text()) for p in tmp_path.rglob("summary.json")
                   if json.loads(p.read_text())["status"] == "failed")
     assert "patch_size=3 does not divide" in failed["error"]
+
+
+def test_wandb_offline_run_has_identity_group_and_tags(tmp_path):
+    train(tmp_path, *[o for o in FAST if o != "logger=csv"], "trainer.max_steps=12", "optim=sgd", "optim.lr=0.05")
+    run_dir = only_run_dir(tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    offline = list((run_dir / "wandb").glob(f"offline-run-*-{summary['wandb_run_id']}"))
+    assert len(offline) == 1
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    inspected = subprocess.run([str(wandb_cli), "leet", "inspect", "--summary", "--json", str(offline[0])],
+                               capture_output=True, text=True, timeout=120)
+    record = json.loads(inspected.stdout)
+    assert record["state"] == "finished"
+    assert {"optim:sgd", "no-warmup", "reparam:none", "norm"} <= set(record["tags"])
+    assert "train/loss" in record["summary"]

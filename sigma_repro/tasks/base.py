@@ -17,13 +17,14 @@ from torch import nn
 from sigma_repro.optim import build_optimizer, build_scheduler
 
 
-def count_loss_spikes(losses: list[float], *, window: int = 20, factor: float = 2.0) -> int:
-    """Steps whose loss exceeds ``factor`` x the median of the ``window`` steps before it."""
-    return sum(
-        1
-        for t in range(window, len(losses))
-        if losses[t] > factor * statistics.median(losses[t - window : t])
-    )
+def count_loss_spikes(losses: list[float], *, window: int = 20, factor: float = 1.25, min_jump: float = 0.2) -> int:
+    """Steps whose loss exceeds the median of the ``window`` steps before it by both a factor and
+    ``min_jump`` nats: the factor alone would count noise once the loss is near zero."""
+    spikes = 0
+    for t in range(window, len(losses)):
+        median = statistics.median(losses[t - window : t])
+        spikes += losses[t] > max(factor * median, median + min_jump)
+    return spikes
 
 
 class StabilityTask(L.LightningModule):
@@ -40,7 +41,8 @@ class StabilityTask(L.LightningModule):
         gamma_weight_decay: bool = False,
         seed: int = 0,
         spike_window: int = 20,
-        spike_factor: float = 2.0,
+        spike_factor: float = 1.25,
+        spike_min_jump: float = 0.2,
     ) -> None:
         super().__init__()
         self.model = model
@@ -91,7 +93,10 @@ class StabilityTask(L.LightningModule):
     # -- run bookkeeping ------------------------------------------------------------------------
     def loss_spikes(self) -> int:
         return count_loss_spikes(
-            self.train_losses, window=self.hparams.spike_window, factor=self.hparams.spike_factor
+            self.train_losses,
+            window=self.hparams.spike_window,
+            factor=self.hparams.spike_factor,
+            min_jump=self.hparams.spike_min_jump,
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
