@@ -172,8 +172,11 @@ def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer = build_trainer(cfg, out, loggers)
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
-
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics = scalar_metrics(trainer)
+    if task.diverged_step is None and task.last_val_step != trainer.global_step:
+        # Final metrics always describe the final weights, however the last epoch ended.
+        trainer.validate(task, datamodule=datamodule, verbose=False)
+        metrics.update(scalar_metrics(trainer))
     return {
         **entropy_summary(trainer),
         "status": "diverged" if task.diverged_step is not None else "finished",
@@ -184,6 +187,19 @@ def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "metrics": metrics,
         "wandb_run_id": run_id if cfg.logger.get("wandb", {}).get("enabled") else None,
     }
+
+
+def user_error(err: BaseException) -> ConfigError | None:
+    """The ConfigError behind ``err`` (Hydra wraps errors raised inside ``instantiate``), if any."""
+    while err is not None:
+        if isinstance(err, ConfigError):
+            return err
+        err = err.__cause__
+    return None
+
+
+def scalar_metrics(trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
 def entropy_summary(trainer) -> dict[str, Any]:
@@ -198,6 +214,10 @@ def entropy_summary(trainer) -> dict[str, Any]:
     per_layer = np.nanmean(np.asarray(probe.history["entropy"], dtype=float), axis=-1)  # (steps, layers)
     return {"attention_entropy": {"layers": list(probe.history["layers"]),
                                   "final": per_layer[-1].round(5).tolist(), "min": per_layer.min(0).round(5).tolist()}}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -239,24 +259,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     started = time.time()
     previous = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).exists() else {}
+    launches = previous.get("launches", 0) + 1
+    prior_wall = previous.get("wall_time_s", 0.0)
+    # "running" until this launch ends: a hard-killed run keeps this status (and its launch count).
+    write_json(out / SUMMARY, {"status": "running", "launches": launches, "wall_time_s": prior_wall,
+                               "started_at": _now(), "run_dir": str(out)})
     try:
         summary = train(cfg, out)
-    except ConfigError as err:
-        summary = {"status": "failed", "error": str(err)}
     except Exception as err:  # noqa: BLE001 - recorded in summary.json; the sweep goes on
-        summary = {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        bad_input = user_error(err)
+        summary = {"status": "failed", "error": str(bad_input)} if bad_input else {
+            "status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
     finally:
         wandb = sys.modules.get("wandb")
         if wandb is not None and wandb.run is not None:
             wandb.finish()  # one W&B run per job, also inside a multirun
     summary.update(
-        wall_time_s=round(time.time() - started + previous.get("wall_time_s", 0.0), 2),
-        launches=previous.get("launches", 0) + 1,
+        wall_time_s=round(time.time() - started + prior_wall, 2),
+        launches=launches,
         git_sha=git_sha(),
         machine=machine_info(),
         command=" ".join(sys.argv),
         run_dir=str(out),
-        ended_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        ended_at=_now(),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     write_json(out / SUMMARY, summary)

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from sigma_repro.data.images import DigitsDataModule
+from sigma_repro.models.vit import build_vit
+from sigma_repro.reparam import apply_sigma_reparam
 from sigma_repro.train import job_dir_name
 
 from .conftest import ROOT
@@ -24,8 +27,10 @@ FAST = [
 def train(runs: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    flags = [o for o in overrides if o.startswith("-")]
+    overrides = [o for o in overrides if not o.startswith("-")]
     proc = subprocess.run(
-        [sys.executable, "-m", "sigma_repro.train", f"paths.runs_dir={runs}", *overrides],
+        [sys.executable, "-m", "sigma_repro.train", *flags, f"paths.runs_dir={runs}", *overrides],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
     )
     if check and proc.returncode != 0:
@@ -49,21 +54,32 @@ def test_job_dir_name_is_deterministic_and_bounded():
 
 
 def test_run_writes_summary_and_rerun_returns_stored_result(tmp_path):
-    train(tmp_path, *FAST, "trainer.max_steps=60", "reparam=sigma")
+    # 55 steps = 5 full epochs of 11 batches: the last validation sees the checkpointed weights.
+    train(tmp_path, *FAST, "trainer.max_steps=55", "reparam=sigma")
     run_dir = only_run_dir(tmp_path)
     assert run_dir.relative_to(tmp_path).as_posix().startswith("default/")
     assert run_dir.name == "seed=0"
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "finished" and summary["steps"] == 60
-    assert summary["metrics"]["val/acc"] > 0.3  # 10 classes: chance is 0.1
+    assert summary["status"] == "finished" and summary["steps"] == 55
     assert summary["config"]["reparam"]["name"] == "sigma" and summary["git_sha"]
+    assert len(summary["attention_entropy"]["final"]) == 3
     assert (run_dir / "DONE.json").exists() and (run_dir / "metrics.csv").exists()
     assert (run_dir / "plots" / "attention_entropy.png").exists()
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)  # no pickled objects
-    assert ckpt["global_step"] == 60
+    assert ckpt["global_step"] == 55
+
+    # val/acc in the summary agrees with the checkpointed model scored independently
+    model = apply_sigma_reparam(build_vit(img_size=8, in_chans=1, num_classes=10, patch_size=2, embed_dim=32,
+                                          depth=3, num_heads=4))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
+    model.eval()
+    data = DigitsDataModule(batch_size=128)
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(-1) == y).sum()) for x, y in data.val_dataloader())
+    assert summary["metrics"]["val/acc"] == pytest.approx(correct / 360, abs=1e-6)
 
     mtime = (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime
-    again = train(tmp_path, *FAST, "reparam=sigma", "trainer.max_steps=60")  # same overrides, other order
+    again = train(tmp_path, *FAST, "reparam=sigma", "trainer.max_steps=55")  # same overrides, other order
     assert "stored result" in again.stdout
     assert (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime == mtime
     assert only_run_dir(tmp_path) == run_dir

@@ -50,6 +50,7 @@ class StabilityTask(L.LightningModule):
         self.save_hyperparameters(ignore=["model"])
         self.train_losses: list[float] = []
         self.diverged_step: int | None = None
+        self.last_val_step: int | None = None  # global step of the latest validation pass
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -83,6 +84,9 @@ class StabilityTask(L.LightningModule):
         loss, logs = self.compute_loss(batch, "val")
         self.log("val/loss", loss, on_epoch=True, prog_bar=False)
         self.log_dict({f"val/{k}": v for k, v in logs.items()}, on_epoch=True, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_val_step = self.global_step
 
     def compute_loss(self, batch: Any, stage: str) -> tuple[torch.Tensor, dict[str, Any]]:
         raise NotImplementedError
