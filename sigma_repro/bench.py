@@ -18,11 +18,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -30,11 +27,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
-import timm
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from sigma_repro import provenance
 from sigma_repro.errors import ConfigError
 from sigma_repro.reparam import QKV_MODES, apply_sigma_reparam
 
@@ -51,36 +48,12 @@ class Benchmark(NamedTuple):
     run: Callable[[argparse.Namespace], int]
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _git_sha() -> str | None:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                            capture_output=True, text=True, check=False)
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
 def machine_info(device: torch.device) -> dict:
     """Where a measurement was taken, for the JSON record."""
     return {
-        "cpu_model": _cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "timm_version": timm.__version__,
-        "python_version": platform.python_version(),
-        "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        **provenance.machine_info(device),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": _git_sha(),
+        "git_sha": provenance.git_sha(),
         "command": shlex.join(sys.argv),
     }
 

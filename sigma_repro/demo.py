@@ -3,12 +3,13 @@
 Runs the Hydra app twice (``experiment=demo/plain`` and ``experiment=demo/sigma``) — real runs in
 ordinary run dirs, so a second ``sigma-repro demo`` prints the stored results at once — then prints
 a table (final accuracy, final and minimum attention entropy per layer, loss spikes, divergence)
-and writes ``<runs>/demo/attention_entropy.png`` and ``<runs>/demo/summary.md``.
+and writes ``<runs>/demo/attention_entropy.png``, ``train_loss.png`` and ``summary.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
@@ -55,6 +56,29 @@ def run_row(label: str, run_dir: Path) -> dict:
     }
 
 
+def train_loss_curve(run_dir: Path) -> tuple[list[int], list[float]]:
+    """(steps, train/loss) as logged in the run's metrics.csv."""
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    return [int(float(r["step"])) for r in rows], [float(r["train/loss"]) for r in rows]
+
+
+def plot_train_loss(run_dirs: dict[str, Path], out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), constrained_layout=True)
+    for label, run_dir in run_dirs.items():
+        ax.plot(*train_loss_curve(run_dir), label=label)
+    ax.set(xlabel="optimizer step", ylabel="train loss (nats)", yscale="log", title="training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+
+
 def format_table(rows: list[dict]) -> str:
     n_layers = len(rows[0]["entropy_final"])
     fmt = lambda xs: " ".join(f"{x:4.2f}" for x in xs)  # noqa: E731
@@ -77,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.runs_dir) / "demo"
     png = out_dir / "attention_entropy.png"
     plot_entropy_comparison({label: d / "diagnostics.npz" for label, d in run_dirs.items()}, png)
+    plot_train_loss(run_dirs, out_dir / "train_loss.png")
     table = format_table(rows)
     overrides = " ".join(args.overrides) or "(none)"
     (out_dir / "summary.md").write_text(
@@ -85,5 +110,5 @@ def run(args: argparse.Namespace) -> int:
     )
     print("\nAttention entropy (nats; log T = log 17 = 2.83 at uniform attention):\n")
     print(table)
-    print(f"\nplot: {png}\ntable: {out_dir / 'summary.md'}")
+    print(f"\nplots: {png}, {out_dir / 'train_loss.png'}\ntable: {out_dir / 'summary.md'}")
     return 0

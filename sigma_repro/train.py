@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import platform
 import re
-import socket
-import subprocess
 import sys
 import time
 import traceback
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from sigma_repro import provenance
 from sigma_repro.errors import ConfigError
 
 SUMMARY, DONE = "summary.json", "DONE.json"
@@ -51,32 +51,6 @@ OmegaConf.register_new_resolver("sr_job_dir", job_dir_name, replace=True)
 
 
 # -- run metadata ---------------------------------------------------------------------------------
-def git_sha() -> str | None:
-    """HEAD of the checkout the package runs from, with '-dirty' for uncommitted changes."""
-    repo = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return sha + ("-dirty" if dirty else "")
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    return {
-        "hostname": socket.gethostname(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-    }
-
-
 def run_tags(cfg: DictConfig) -> list[str]:
     """Filterable W&B tags: optimizer, warmup, reparam, norm, experiment cell."""
     choices = HydraConfig.get().runtime.choices
@@ -84,6 +58,25 @@ def run_tags(cfg: DictConfig) -> list[str]:
     warmup = "warmup" if cfg.schedule.warmup_steps > 0 else "no-warmup"
     return [f"optim:{choices.get('optim')}", warmup, f"reparam:{cfg.reparam.name}", norms,
             f"model:{choices.get('model')}", f"data:{choices.get('data')}", *cfg.logger.wandb.get("extra_tags", [])]
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Option combinations that cannot work, caught before any data is read or model built."""
+    t = cfg.trainer
+    clashes = []
+    if t.max_steps in (None, -1) and t.max_epochs in (None, -1):
+        clashes.append("trainer.max_steps=-1 and trainer.max_epochs=-1 clash: the run would never end; "
+                       "set one of them")
+    if t.max_steps not in (None, -1) and cfg.schedule.warmup_steps >= t.max_steps:
+        clashes.append(f"schedule.warmup_steps={cfg.schedule.warmup_steps} and trainer.max_steps={t.max_steps} "
+                       f"clash: warmup would never finish; lower the warmup or train longer")
+    if t.get("deterministic") is True and t.get("benchmark"):
+        clashes.append("trainer.deterministic=true and trainer.benchmark=true clash: cuDNN benchmarking picks "
+                       "kernels nondeterministically; drop one")
+    if cfg.checkpoint_every_n_steps < 1:
+        clashes.append(f"checkpoint_every_n_steps must be >= 1, got {cfg.checkpoint_every_n_steps}")
+    if clashes:
+        raise ConfigError("; ".join(clashes))
 
 
 # -- building blocks ------------------------------------------------------------------------------
@@ -146,6 +139,7 @@ def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
     from sigma_repro.loggers import trim_metrics_after
 
+    validate_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data, seed=cfg.seed)  # validates data paths first
     model = build_model(cfg, datamodule)
@@ -277,8 +271,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary.update(
         wall_time_s=round(time.time() - started + prior_wall, 2),
         launches=launches,
-        git_sha=git_sha(),
-        machine=machine_info(),
+        git_sha=provenance.git_sha(),
+        machine=provenance.machine_info(),
         command=" ".join(sys.argv),
         run_dir=str(out),
         ended_at=_now(),
@@ -295,8 +289,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def quiet_third_party() -> None:
+    """Drop two messages every run would print that say nothing about the run."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "Tip:" not in r.getMessage())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> dict[str, Any]:
+    quiet_third_party()
     return run(cfg)
 
 

@@ -1,6 +1,5 @@
 """Every config composes, every model/optimizer config instantiates, experiments are global packages."""
 
-from pathlib import Path
 
 import hydra
 import pytest

@@ -136,6 +136,12 @@ def test_missing_data_path_is_named_before_compute(tmp_path):
     assert summary["status"] == "failed" and "traceback" not in summary
 
 
+def test_clashing_options_are_named(tmp_path):
+    proc = train(tmp_path, *FAST, "trainer.max_steps=20", "schedule.warmup_steps=50", check=False)
+    assert proc.returncode == 1
+    assert "schedule.warmup_steps=50 and trainer.max_steps=20 clash" in proc.stdout
+
+
 def test_multirun_survives_a_failing_cell(tmp_path):
     proc = train(tmp_path, "-m", *FAST, "trainer.max_steps=10", "model.patch_size=2,3")
     statuses = {d.parent.name: json.loads((d / "summary.json").read_text())["status"]
@@ -146,9 +152,11 @@ def test_multirun_survives_a_failing_cell(tmp_path):
     assert "patch_size=3 does not divide" in failed["error"]
 
 
-def test_wandb_offline_run_has_identity_group_and_tags(tmp_path):
-    train(tmp_path, *[o for o in FAST if o != "logger=csv"], "trainer.max_steps=12", "optim=sgd", "optim.lr=0.05")
+def test_wandb_offline_and_tensorboard_runs_have_identity_group_and_tags(tmp_path):
+    train(tmp_path, *[o for o in FAST if o != "logger=csv"], "trainer.max_steps=12", "optim=sgd", "optim.lr=0.05",
+          "logger.tensorboard.enabled=true")
     run_dir = only_run_dir(tmp_path)
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     summary = json.loads((run_dir / "summary.json").read_text())
     offline = list((run_dir / "wandb").glob(f"offline-run-*-{summary['wandb_run_id']}"))
     assert len(offline) == 1
