@@ -1,6 +1,7 @@
 """``sigma-repro <command>``: everything that is not a training run.
 
-Commands: ``demo`` (plain vs σReparam on embedded digits), ``bench`` (performance measurements).
+Commands: ``demo`` (plain vs σReparam on embedded digits), ``bench`` (performance measurements),
+``analysis`` (the papers' analytical results).
 Training and sweeps go through the Hydra app ``sigma-repro-train``.
 """
 
@@ -9,10 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sigma_repro import bench, demo
+from sigma_repro import analysis, bench, demo
 from sigma_repro.errors import ConfigError
 
-COMMANDS = {"demo": demo, "bench": bench}
+COMMANDS = {"demo": demo, "bench": bench, "analysis": analysis}
 
 
 def main(argv: list[str] | None = None) -> int:
