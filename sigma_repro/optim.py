@@ -14,6 +14,7 @@ from typing import Any
 
 import hydra.utils
 import torch
+from timm.optim import Lars
 from torch import nn
 
 from sigma_repro.errors import ConfigError
@@ -76,7 +77,14 @@ def build_optimizer(
         gamma_lr_mult=gamma_lr_mult,
         gamma_weight_decay=gamma_weight_decay,
     )
-    return hydra.utils.instantiate(cfg, params=groups, _convert_="all")
+    optimizer = hydra.utils.instantiate(cfg, params=groups, _convert_="all")
+    if isinstance(optimizer, Lars):
+        # LARS scales each matrix's step by its trust ratio. timm applies it only to groups with
+        # weight decay unless always_adapt, which would make LARS without weight decay (the paper's
+        # no-wd recipe) plain SGD; biases, norms and γ keep the plain step, as in LARS practice.
+        for group in optimizer.param_groups:
+            group["always_adapt"] = group["name"] == "decay"
+    return optimizer
 
 
 @dataclass

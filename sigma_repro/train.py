@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sys
 import time
 import traceback
@@ -32,24 +31,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from sigma_repro import provenance
+
 from sigma_repro.errors import ConfigError
 
 SUMMARY, DONE = "summary.json", "DONE.json"
-_MAX_DIRNAME = 120
-
-
-def job_dir_name(experiment: str | None, override_dirname: str, seed: Any) -> str:
-    """``<experiment>/<overrides>/seed=<seed>``: same command, same dir; long override lists get a hash."""
-    overrides = re.sub(r"[^A-Za-z0-9_.,=+\-]", "_", override_dirname) or "default"
-    if len(overrides) > _MAX_DIRNAME:
-        digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
-        overrides = f"{overrides[:_MAX_DIRNAME - 11]}~{digest}"
-    return f"{experiment or 'default'}/{overrides}/seed={seed}"
-
-
-OmegaConf.register_new_resolver("sr_job_dir", job_dir_name, replace=True)
-
-
 # -- run metadata ---------------------------------------------------------------------------------
 def run_tags(cfg: DictConfig) -> list[str]:
     """Filterable W&B tags: optimizer, warmup, reparam, norm, experiment cell."""
@@ -58,6 +43,15 @@ def run_tags(cfg: DictConfig) -> list[str]:
     warmup = "warmup" if cfg.schedule.warmup_steps > 0 else "no-warmup"
     return [f"optim:{choices.get('optim')}", warmup, f"reparam:{cfg.reparam.name}", norms,
             f"model:{choices.get('model')}", f"data:{choices.get('data')}", *cfg.logger.wandb.get("extra_tags", [])]
+
+
+def run_identity() -> dict[str, Any]:
+    """What selects this run: its experiment cell, config-group choices and command-line overrides.
+
+    Tables group runs by these (``scale`` is a group choice, not a config key)."""
+    hc = HydraConfig.get()
+    choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
+    return {"experiment": choices.get("experiment"), "choices": choices, "overrides": list(hc.overrides.task)}
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -277,6 +271,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         run_dir=str(out),
         ended_at=_now(),
         config=OmegaConf.to_container(cfg, resolve=True),
+        **run_identity(),
     )
     write_json(out / SUMMARY, summary)
     if summary["status"] in ("finished", "diverged"):

@@ -76,3 +76,17 @@ def test_scheduler_drives_every_group():
 def test_warmup_longer_than_training_is_a_clear_error():
     with pytest.raises(ConfigError, match="warmup_steps=100 is not below the run's 50"):
         WarmupSchedule(total_steps=50, warmup_steps=100)
+
+
+def test_lars_adapts_matrices_even_without_weight_decay():
+    model = tiny_vit()
+    opt = build_optimizer(model, {"_target_": "timm.optim.Lars", "lr": 1.0, "weight_decay": 0.0, "momentum": 0.0})
+    flags = {g["name"]: g["always_adapt"] for g in opt.param_groups}
+    assert flags == {"decay": True, "no_decay": False}
+    w = model.patch_embed.proj.weight
+    w.grad = torch.ones_like(w)
+    before = w.detach().clone()
+    opt.step()
+    # trust ratio: step = lr * trust_coeff * ||w|| / ||g|| * g
+    expected = before - 1e-3 * before.norm() / w.grad.norm() * w.grad
+    assert torch.allclose(w.detach(), expected, atol=1e-6)

@@ -13,7 +13,7 @@ import torch
 from sigma_repro.data.images import DigitsDataModule
 from sigma_repro.models.vit import build_vit
 from sigma_repro.reparam import apply_sigma_reparam
-from sigma_repro.train import job_dir_name
+from sigma_repro.config import job_dir_name
 
 from .conftest import ROOT
 

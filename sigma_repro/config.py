@@ -1,0 +1,34 @@
+"""Config helpers the YAML files call: run identity and small arithmetic, as OmegaConf resolvers.
+
+Registered on import of ``sigma_repro`` so that composing conf/ works from the app, tests and tools.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+from omegaconf import OmegaConf
+
+_MAX_DIRNAME = 120
+
+
+def job_dir_name(experiment: str | None, override_dirname: str, seed: Any) -> str:
+    """``<experiment>/<overrides>/seed=<seed>``: same command, same dir; long override lists get a hash."""
+    overrides = re.sub(r"[^A-Za-z0-9_.,=+\-]", "_", override_dirname) or "default"
+    if len(overrides) > _MAX_DIRNAME:
+        digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
+        overrides = f"{overrides[:_MAX_DIRNAME - 11]}~{digest}"
+    return f"{experiment or 'default'}/{overrides}/seed={seed}"
+
+
+OmegaConf.register_new_resolver("sr_job_dir", job_dir_name, replace=True)
+
+
+def _mul(a: Any, b: Any) -> float:
+    """${sr_mul:a,b} = a*b: a table's learning-rate grid is a multiplier on each cell's base rate."""
+    return float(a) * float(b)
+
+
+OmegaConf.register_new_resolver("sr_mul", _mul, replace=True)
