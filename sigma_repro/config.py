@@ -14,11 +14,23 @@ from omegaconf import OmegaConf
 _MAX_DIRNAME = 120
 
 
+_NUMBER = re.compile(r"(?<=[=,])[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?=,|$)")
+
+
+def _canonical_number(match: re.Match) -> str:
+    text = match.group(0)
+    return text.lstrip("+") if text.lstrip("+-").isdigit() else repr(float(text))
+
+
 def job_dir_name(experiment: str | None, override_dirname: str, seed: Any) -> str:
-    """``<experiment>/<overrides>/seed=<seed>``: same command, same dir; long override lists get a hash."""
-    overrides = re.sub(r"[^A-Za-z0-9_.,=+\-]", "_", override_dirname) or "default"
+    """``<experiment>/<overrides>/seed=<seed>``: same command, same dir; long override lists get a hash.
+
+    Numbers are written in one form (``optim.lr=1e-3`` and a sweep's ``0.001`` give the same dir).
+    """
+    canonical = _NUMBER.sub(_canonical_number, override_dirname)
+    overrides = re.sub(r"[^A-Za-z0-9_.,=+\-]", "_", canonical) or "default"
     if len(overrides) > _MAX_DIRNAME:
-        digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
+        digest = hashlib.sha1(canonical.encode()).hexdigest()[:10]
         overrides = f"{overrides[:_MAX_DIRNAME - 11]}~{digest}"
     return f"{experiment or 'default'}/{overrides}/seed={seed}"
 

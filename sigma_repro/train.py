@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from sigma_repro import provenance
 
 from sigma_repro.errors import ConfigError
+from sigma_repro.slurm import finish_wandb, trainer_plugins
 
 SUMMARY, DONE = "summary.json", "DONE.json"
 # -- run metadata ---------------------------------------------------------------------------------
@@ -122,7 +123,8 @@ def build_trainer(cfg: DictConfig, out: Path, loggers: list):
         dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0, enable_version_counter=False,
         every_n_train_steps=cfg.checkpoint_every_n_steps, save_on_train_epoch_end=True,
     ))
-    return hydra.utils.instantiate(cfg.trainer, default_root_dir=str(out), logger=loggers, callbacks=callbacks)
+    return hydra.utils.instantiate(cfg.trainer, default_root_dir=str(out), logger=loggers, callbacks=callbacks,
+                                   plugins=trainer_plugins())
 
 
 # -- one run --------------------------------------------------------------------------------------
@@ -259,9 +261,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary = {"status": "failed", "error": str(bad_input)} if bad_input else {
             "status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
     finally:
-        wandb = sys.modules.get("wandb")
-        if wandb is not None and wandb.run is not None:
-            wandb.finish()  # one W&B run per job, also inside a multirun
+        finish_wandb()  # one W&B run per job, also inside a multirun
     summary.update(
         wall_time_s=round(time.time() - started + prior_wall, 2),
         launches=launches,
@@ -288,9 +288,10 @@ def quiet_third_party() -> None:
     """Drop two messages every run would print that say nothing about the run."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "Tip:" not in r.getMessage())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used.*")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent.parent / "conf"), config_name="train")
 def main(cfg: DictConfig) -> dict[str, Any]:
     quiet_third_party()
     return run(cfg)

@@ -7,8 +7,9 @@ from lightning.pytorch.callbacks import Callback
 
 
 class KillAtStep(Callback):
-    """SIGKILLs the training process once ``trainer.global_step`` reaches ``step``: a real hard kill,
-    at a deterministic point (after the checkpoints saved at that step)."""
+    """SIGKILLs the training process once ``trainer.global_step`` reaches ``step``: a real hard kill at
+    a deterministic point. It runs before the checkpoint callback of that step, so the last checkpoint
+    is the one before ``step``."""
 
     def __init__(self, step: int) -> None:
         self.step = step

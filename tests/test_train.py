@@ -46,6 +46,8 @@ def only_run_dir(runs: Path) -> Path:
 
 def test_job_dir_name_is_deterministic_and_bounded():
     assert job_dir_name(None, "", 0) == "default/default/seed=0"
+    assert job_dir_name("x", "optim.lr=1e-3,trainer.max_steps=30", 0) == job_dir_name("x", "optim.lr=0.001,trainer.max_steps=30", 0)
+    assert job_dir_name("x", "a=1.0,b=+2,c=abc1e3,d=[1e-3,2]", 0) == "x/a=1.0,b=2,c=abc1e3,d=_1e-3,2_/seed=0"
     assert job_dir_name("vit/b16", "optim.lr=0.1,reparam=sigma", 3) == "vit/b16/optim.lr=0.1,reparam=sigma/seed=3"
     long = ",".join(f"k{i}=v{i}" for i in range(60))
     name = job_dir_name("x", long, 1)
