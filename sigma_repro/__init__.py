@@ -7,4 +7,5 @@ Public entry points (see DESIGN.md): ``sigma_repro.reparam.apply_sigma_reparam``
 
 __version__ = "0.1.0"
 
-from sigma_repro import config as _config  # noqa: E402,F401  (registers the OmegaConf resolvers)
+from sigma_repro import config  # noqa: E402,F401  (importing it registers the OmegaConf resolvers)
+__all__ = ["__version__", "config"]

@@ -1,7 +1,8 @@
 """``sigma-repro <command>``: everything that is not a training run.
 
 Commands: ``demo`` (plain vs σReparam on embedded digits), ``bench`` (performance measurements),
-``analysis`` (the papers' analytical results).
+``analysis`` (the papers' analytical results), ``table`` (finished runs -> a paper table),
+``compare`` (curves of chosen runs on shared axes).
 Training and sweeps go through the Hydra app ``sigma-repro-train``.
 """
 
@@ -10,10 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sigma_repro import analysis, bench, demo
+from sigma_repro import analysis, bench, compare, demo, results
 from sigma_repro.errors import ConfigError
 
-COMMANDS = {"demo": demo, "bench": bench, "analysis": analysis}
+COMMANDS = {"demo": demo, "bench": bench, "analysis": analysis, "table": results, "compare": compare}
 
 
 def main(argv: list[str] | None = None) -> int:

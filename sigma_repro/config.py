@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the Hydra app's configs
 _MAX_DIRNAME = 120
 
 

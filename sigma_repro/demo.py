@@ -9,7 +9,6 @@ and writes ``<runs>/demo/attention_entropy.png``, ``train_loss.png`` and ``summa
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from sigma_repro.errors import ConfigError
+from sigma_repro.results import metric_curve
 
 EXPERIMENTS = {"plain": "demo/plain", "sigma": "demo/sigma"}
 
@@ -56,13 +56,6 @@ def run_row(label: str, run_dir: Path) -> dict:
     }
 
 
-def train_loss_curve(run_dir: Path) -> tuple[list[int], list[float]]:
-    """(steps, train/loss) as logged in the run's metrics.csv."""
-    with (run_dir / "metrics.csv").open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
-    return [int(float(r["step"])) for r in rows], [float(r["train/loss"]) for r in rows]
-
-
 def plot_train_loss(run_dirs: dict[str, Path], out_png: Path) -> None:
     import matplotlib
 
@@ -71,7 +64,7 @@ def plot_train_loss(run_dirs: dict[str, Path], out_png: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5), constrained_layout=True)
     for label, run_dir in run_dirs.items():
-        ax.plot(*train_loss_curve(run_dir), label=label)
+        ax.plot(*metric_curve(run_dir, "train/loss"), label=label)
     ax.set(xlabel="optimizer step", ylabel="train loss (nats)", yscale="log", title="training loss")
     ax.grid(alpha=0.3)
     ax.legend()

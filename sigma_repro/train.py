@@ -93,7 +93,8 @@ def build_model(cfg: DictConfig, datamodule):
     return model
 
 
-def build_loggers(cfg: DictConfig, out: Path, run_id: str, group: str) -> list:
+def build_loggers(cfg: DictConfig, out: Path, run_name: str, group: str) -> list:
+    """CSV always; W&B (id = hash of the run name, so a requeued run appends) and TensorBoard on request."""
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     from sigma_repro.loggers import ResumableCSVLogger
@@ -104,12 +105,16 @@ def build_loggers(cfg: DictConfig, out: Path, run_id: str, group: str) -> list:
         os.environ.setdefault("WANDB_MODE", wb.mode)  # offline unless the user's environment says otherwise
         os.environ.setdefault("WANDB_SILENT", "true")
         loggers.append(WandbLogger(
-            save_dir=str(out), project=wb.project, group=group, job_type=wb.job_type, id=run_id,
-            name=f"{group}/seed={cfg.seed}", tags=run_tags(cfg), mode=os.environ["WANDB_MODE"],
+            save_dir=str(out), project=wb.project, group=group, job_type=wb.job_type, id=wandb_run_id(run_name),
+            name=run_name, tags=run_tags(cfg), mode=os.environ["WANDB_MODE"],
         ))
     if cfg.logger.get("tensorboard", {}).get("enabled"):
         loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""))
     return loggers
+
+
+def wandb_run_id(run_name: str) -> str:
+    return hashlib.sha1(run_name.encode()).hexdigest()[:16]
 
 
 def build_trainer(cfg: DictConfig, out: Path, loggers: list):
@@ -149,15 +154,16 @@ def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
         gamma_weight_decay=cfg.reparam.get("gamma_weight_decay", False),
         seed=cfg.seed,
     )
-    rel = Path(HydraConfig.get().runtime.output_dir).resolve()
-    run_id = hashlib.sha1(str(rel.relative_to(Path(cfg.paths.runs_dir).resolve())).encode()).hexdigest()[:16]
+    runs_dir, job_dir = Path(cfg.paths.runs_dir).resolve(), out.resolve()
+    # <cell>/<overrides>/seed=<n>; a job dir placed outside the runs dir (hydra.run.dir=...) keeps its path
+    run_name = str(job_dir.relative_to(runs_dir) if job_dir.is_relative_to(runs_dir) else job_dir)
     group = HydraConfig.get().runtime.choices.get("experiment") or "default"
     last = out / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if last.exists() else None
     if ckpt_path:
         trim_metrics_after(out / "metrics.csv", torch.load(last, map_location="cpu", weights_only=True)["global_step"])
         print(f"sigma-repro: resuming from {last}", flush=True)
-    loggers = build_loggers(cfg, out, run_id, group)
+    loggers = build_loggers(cfg, out, run_name, group)
     for lg in loggers[1:]:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer = build_trainer(cfg, out, loggers)
@@ -175,7 +181,7 @@ def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "epochs": trainer.current_epoch,
         "loss_spikes": task.loss_spikes(),
         "metrics": metrics,
-        "wandb_run_id": run_id if cfg.logger.get("wandb", {}).get("enabled") else None,
+        "wandb_run_id": wandb_run_id(run_name) if cfg.logger.get("wandb", {}).get("enabled") else None,
     }
 
 
@@ -253,7 +259,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     prior_wall = previous.get("wall_time_s", 0.0)
     # "running" until this launch ends: a hard-killed run keeps this status (and its launch count).
     write_json(out / SUMMARY, {"status": "running", "launches": launches, "wall_time_s": prior_wall,
-                               "started_at": _now(), "run_dir": str(out)})
+                               "started_at": _now(), "run_dir": str(out), "seed": cfg.seed, **run_identity()})
     try:
         summary = train(cfg, out)
     except Exception as err:  # noqa: BLE001 - recorded in summary.json; the sweep goes on
@@ -270,6 +276,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         command=" ".join(sys.argv),
         run_dir=str(out),
         ended_at=_now(),
+        seed=cfg.seed,
         config=OmegaConf.to_container(cfg, resolve=True),
         **run_identity(),
     )

@@ -1,0 +1,278 @@
+"""`sigma-repro table` and `sigma-repro compare` on run dirs laid out as the app lays them out.
+
+Fake runs are written in tmp_path with the app's own job-dir naming (sigma_repro.config.job_dir_name)
+and the keys train.py writes; one test reads a real (3-step) run of the app."""
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from sigma_repro import compare, results
+from sigma_repro.cli import main
+from sigma_repro.config import job_dir_name
+from sigma_repro.errors import ConfigError
+
+from .test_train import train
+
+CONDITIONS = {  # (optim choice, lr, warmup steps, weight decay, reparam, remove_norms) as the cells set them
+    "vit_supervised/b16/deit": ("adamw", 3e-3, 50, 0.05, "none", False),
+    "vit_supervised/b16/sigma": ("adamw", 3e-3, 50, 0.05, "sigma", False),
+    "vit_supervised/b16/sigma_no_ln": ("adamw", 3e-3, 50, 0.05, "sigma", True),
+    "vit_optimizers/sgd_plain": ("sgd", 0.1, 0, 0.0, "none", False),
+    "vit_optimizers/sgd_sigma": ("sgd", 0.1, 0, 0.0, "sigma", False),
+}
+
+
+def run_dir(root: Path, experiment: str, overrides: list[str], seed: int) -> Path:
+    """Where the app puts the run: identity overrides sorted into the dir name, as Hydra does."""
+    identity = sorted(o for o in overrides if o.split("=")[0] not in results._non_identity_keys())
+    return root / job_dir_name(experiment, ",".join(identity), seed)
+
+
+def fake_run(root: Path, experiment: str, seed: int, *, status: str = "finished", scale: str = "proxy",
+             lr_scale: str | None = None, extra: tuple[str, ...] = (), acc: float = 0.9,
+             entropy: tuple[list[float], list[float]] = ([2.0, 1.0], [1.5, 0.5]), spikes: int = 0,
+             diverged_step: int | None = None, curves: dict[str, list[float]] | None = None) -> Path:
+    """A finished/diverged/failed run's summary.json (and metrics.csv with ``curves``)."""
+    optim, lr, warmup, wd, reparam, no_norm = CONDITIONS[experiment]
+    overrides = [f"experiment={experiment}", *([f"lr_scale={lr_scale}"] if lr_scale else []), f"seed={seed}",
+                 f"table={experiment.split('/')[0]}", f"scale={scale}", "logger=csv", *extra]
+    out = run_dir(root, experiment, overrides, seed)
+    out.mkdir(parents=True)
+    summary = {
+        "status": status, "diverged_step": diverged_step, "steps": 500, "loss_spikes": spikes,
+        "metrics": {"val/acc": acc, "train/loss": 0.5} if status != "failed" else {},
+        "wall_time_s": 60.0, "launches": 1, "git_sha": "abc1234", "ended_at": "2026-01-02T03:04:05+00:00",
+        "machine": {"hostname": "nodeA", "device_name": "NVIDIA H100"}, "command": "train.py", "run_dir": str(out),
+        "experiment": experiment, "overrides": overrides,
+        "choices": {"experiment": experiment, "scale": scale, "optim": optim, "reparam": reparam},
+        "config": {"seed": seed, "lr_scale": float(lr_scale or 1.0),
+                   "optim": {"lr": lr * float(lr_scale or 1.0), "weight_decay": wd},
+                   "schedule": {"warmup_steps": warmup}, "reparam": {"name": reparam, "remove_norms": no_norm}},
+    }
+    if status != "failed":
+        summary["attention_entropy"] = {"layers": ["blocks.0.attn", "blocks.1.attn"],
+                                        "final": entropy[0], "min": entropy[1]}
+    (out / "summary.json").write_text(json.dumps(summary))
+    if curves:
+        write_metrics(out, curves)
+    return out
+
+
+def write_metrics(out: Path, curves: dict[str, list[float]]) -> None:
+    """metrics.csv as Lightning writes it: one row per logged step, blanks where a metric was not logged."""
+    with (out / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["epoch", "step", *curves])
+        writer.writeheader()
+        steps = max(len(v) for v in curves.values())
+        for i in range(steps):
+            writer.writerow({"epoch": 0, "step": 10 * i, **{k: v[i] if i < len(v) else "" for k, v in curves.items()}})
+
+
+def running_stub(root: Path, experiment: str, seed: int, *, minutes_ago: float) -> Path:
+    """The stub a first launch writes (train.run): no identity, only status and timing; files last
+    written ``minutes_ago``."""
+    out = run_dir(root, experiment, [f"experiment={experiment}", f"seed={seed}", "scale=proxy"], seed)
+    out.mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps({"status": "running", "launches": 1, "wall_time_s": 0.0,
+                                                  "started_at": "2026-01-02T03:04:05+00:00", "run_dir": str(out)}))
+    (out / "metrics.csv").write_text("epoch,step,train/loss\n0,0,2.3\n")
+    then = time.time() - 60 * minutes_ago
+    for path in out.iterdir():
+        os.utime(path, (then, then))
+    return out
+
+
+def table_rows(out: Path, table: str, scale: str = "proxy") -> list[dict[str, str]]:
+    with (out / table / f"{scale}.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def row(rows: list[dict[str, str]], cell: str, **match: str) -> dict[str, str]:
+    found = [r for r in rows if r["cell"] == cell and all(r[k] == v for k, v in match.items())]
+    assert len(found) == 1, (cell, match, found)
+    return found[0]
+
+
+def test_table_counts_every_expected_seed_and_aggregates_over_finished_ones(tmp_path, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    accs = [0.91, 0.93, 0.96]
+    entropies = [([2.0, 1.0], [1.5, 0.5]), ([2.2, 1.4], [1.9, 0.7]), ([1.8, 0.6], [1.2, 0.1])]
+    for seed, (acc, ent) in enumerate(zip(accs, entropies)):
+        fake_run(runs, "vit_supervised/b16/deit", seed, acc=acc, entropy=ent, spikes=seed)
+    fake_run(runs, "vit_supervised/b16/sigma", 0, acc=0.95, entropy=([2.5, 2.5], [2.4, 2.2]))
+    fake_run(runs, "vit_supervised/b16/sigma", 1, status="diverged", diverged_step=120,
+             entropy=([0.1, 0.3], [0.05, 0.2]), spikes=7)
+    fake_run(runs, "vit_supervised/b16/sigma", 2, status="failed")
+    running_stub(runs, "vit_supervised/b16/sigma_no_ln", 0, minutes_ago=240)  # killed hard: incomplete
+    running_stub(runs, "vit_supervised/b16/sigma_no_ln", 1, minutes_ago=0)    # still writing: running
+    fake_run(runs, "vit_supervised/b16/deit", 0, scale="full", acc=0.5)        # other scale: not in the table
+    fake_run(runs, "vit_supervised/b16/deit", 0, extra=("trainer.max_steps=2",), acc=0.2)  # its own row
+    fake_run(runs, "vit_optimizers/sgd_sigma", 0, lr_scale="1")               # another table: ignored
+
+    assert main(["table", "vit_supervised", str(runs), "--out", str(out)]) == 0
+    rows = table_rows(out, "vit_supervised")
+    assert len(rows) == 14 + 1  # every cell of the table, plus the run with an extra override
+
+    deit = row(rows, "vit_supervised/b16/deit", extra_overrides="")
+    assert float(deit["val/acc mean"]) == pytest.approx(np.mean(accs))
+    assert float(deit["val/acc std"]) == pytest.approx(np.std(accs, ddof=1))
+    assert (deit["n_finished"], deit["n_missing"], deit["seeds_finished"]) == ("3", "0", "0,1,2")
+    assert float(deit["attn_entropy_final"]) == pytest.approx(np.mean([np.mean(e[0]) for e in entropies]))
+    assert float(deit["attn_entropy_min"]) == pytest.approx(np.mean([np.mean(e[1]) for e in entropies]))
+    assert float(deit["loss_spikes"]) == pytest.approx(1.0)
+    assert (deit["optimizer"], deit["warmup"], deit["weight_decay"], deit["norm"], deit["reparam"]) == \
+        ("adamw", "warmup", "0.05", "norm", "none")
+    assert deit["paper"] == ""  # published: null in results/paper_reference.yaml
+
+    sigma = row(rows, "vit_supervised/b16/sigma")
+    assert (sigma["n_finished"], sigma["n_diverged"], sigma["n_failed"], sigma["n_missing"]) == ("1", "1", "1", "0")
+    assert (sigma["val/acc mean"], sigma["val/acc std"], sigma["diverged_steps"]) == ("0.95", "", "120")
+    # entropy and spikes over finished and diverged seeds: the diverged run's collapse is the point
+    assert float(sigma["attn_entropy_min"]) == pytest.approx(np.mean([np.mean([2.4, 2.2]), np.mean([0.05, 0.2])]))
+    assert float(sigma["loss_spikes"]) == pytest.approx(3.5)
+
+    no_ln = row(rows, "vit_supervised/b16/sigma_no_ln")
+    assert (no_ln["seeds_incomplete"], no_ln["seeds_running"], no_ln["seeds_missing"]) == ("0", "1", "2")
+    assert (no_ln["n_finished"], no_ln["val/acc mean"], no_ln["optimizer"]) == ("0", "", "")
+
+    untouched = row(rows, "vit_supervised/l16/deit")
+    assert (untouched["n_missing"], untouched["seeds_missing"], untouched["run_dirs"]) == ("3", "0,1,2", "")
+
+    extra = row(rows, "vit_supervised/b16/deit", extra_overrides="trainer.max_steps=2")
+    assert (extra["n_finished"], extra["seeds_missing"], extra["val/acc mean"]) == ("1", "1,2", "0.2")
+    assert rows.index(extra) == rows.index(deit) + 1  # right after its cell's own row
+
+    md = (out / "vit_supervised" / "proxy.md").read_text()
+    assert "Scale: **proxy**" in md and "abc1234 (7)" in md and "nodeA (NVIDIA H100) (7)" in md
+    assert "runs of these cells at other scales (full (1))" in md
+    assert "| b16/sigma_no_ln |" in md and "running 1; incomplete 0; missing 2" in md
+    assert "| 1 (s1 @ 120) |" in md and "0.9333 ± 0.0252" in md
+    assert "b16/deit [trainer.max_steps=2]" in md
+    assert f"sigma-repro table vit_supervised {runs} --scale proxy" in md
+    assert "table:" in capsys.readouterr().out
+
+
+def test_table_rows_follow_the_lr_grid_and_scale_filter(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    fake_run(runs, "vit_optimizers/sgd_sigma", 0, lr_scale="1", acc=0.8)
+    fake_run(runs, "vit_optimizers/sgd_sigma", 1, lr_scale="1.0", acc=0.6)  # same lr_scale, other spelling
+    fake_run(runs, "vit_optimizers/sgd_sigma", 0, lr_scale="3", acc=0.1)    # outside the grid: its own row
+    fake_run(runs, "vit_optimizers/sgd_plain", 0, lr_scale="0.3", scale="full")
+
+    assert main(["table", "vit_optimizers", str(runs), "--lr-grid", "0.3,1", "--seeds", "0,1",
+                 "--out", str(out)]) == 0
+    rows = table_rows(out, "vit_optimizers")
+    assert len(rows) == 10 * 2 + 1
+    grid = row(rows, "vit_optimizers/sgd_sigma", lr_scale="1")
+    assert (grid["n_finished"], grid["n_missing"], grid["lr"]) == ("2", "0", "0.1")
+    assert float(grid["val/acc mean"]) == pytest.approx(0.7)
+    outside = row(rows, "vit_optimizers/sgd_sigma", lr_scale="3")
+    assert (outside["n_finished"], outside["seeds_missing"]) == ("1", "1")
+    assert [r["lr_scale"] for r in rows if r["cell"] == "vit_optimizers/sgd_sigma"] == ["0.3", "1", "3"]
+    assert row(rows, "vit_optimizers/sgd_plain", lr_scale="0.3")["n_missing"] == "2"  # the full-scale run is not here
+    assert "| lr_scale |" in (out / "vit_optimizers" / "proxy.md").read_text()
+
+    assert main(["table", "vit_optimizers", str(runs), "--scale", "full", "--out", str(out)]) == 0
+    full = table_rows(out, "vit_optimizers", "full")
+    assert len(full) == 10 * 3 and row(full, "vit_optimizers/sgd_plain", lr_scale="0.3")["n_finished"] == "1"
+
+
+def test_paper_reference_names_every_cell_and_its_numbers_reach_the_table(tmp_path, monkeypatch):
+    for table in results.table_names():
+        published = results.paper_values(table)
+        assert sorted(published) == sorted(results.load_table(table).cells)
+        assert all(v is None or isinstance(v, float) for v in published.values())
+
+    reference = tmp_path / "paper_reference.yaml"
+    reference.write_text("vit_supervised:\n  vit_supervised/b16/deit: {published: 0.5}\n")
+    monkeypatch.setattr(results, "PAPER_REFERENCE", reference)
+    fake_run(tmp_path / "runs", "vit_supervised/b16/deit", 0)
+    assert main(["table", "vit_supervised", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    rows = table_rows(tmp_path / "out", "vit_supervised")
+    assert [r["paper"] for r in rows][:2] == ["0.5", ""]
+
+
+def test_table_errors_say_what_was_expected(tmp_path, capsys):
+    assert main(["table", "vit_nope", str(tmp_path)]) == 2
+    assert "unknown table 'vit_nope'; the tables are: vit_optimizers, vit_supervised" in capsys.readouterr().err
+
+    assert main(["table", "vit_supervised", str(tmp_path), "--lr-grid", "1"]) == 2
+    assert "does not sweep lr_scale; drop --lr-grid" in capsys.readouterr().err
+
+    assert main(["table", "vit_supervised", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"no runs of table 'vit_supervised' at scale=proxy under {tmp_path.resolve()} (0 summary.json" in err
+
+    fake_run(tmp_path, "vit_supervised/b16/deit", 0, scale="full")
+    assert main(["table", "vit_supervised", str(tmp_path), "--out", str(tmp_path / "results")]) == 2
+    assert "1 runs of its cells at scale=full (1)" in capsys.readouterr().err
+
+
+def test_table_reads_a_real_run_of_the_app(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    train(runs, "experiment=vit_supervised/b16/sigma_no_ln_sgd", "scale=proxy", "logger=csv", "model.depth=1",
+          "model.embed_dim=16", "trainer.max_steps=3", "trainer.enable_progress_bar=false")
+    assert main(["table", "vit_supervised", str(runs), "--seeds", "0", "--out", str(out)]) == 0
+    real = row(table_rows(out, "vit_supervised"), "vit_supervised/b16/sigma_no_ln_sgd",
+               extra_overrides="model.depth=1,model.embed_dim=16,trainer.max_steps=3")
+    summary = json.loads(next(runs.rglob("summary.json")).read_text())
+    assert real["n_finished"] == "1" and float(real["val/acc mean"]) == pytest.approx(summary["metrics"]["val/acc"])
+    assert (real["optimizer"], real["warmup"], real["weight_decay"], real["norm"], real["reparam"]) == \
+        ("sgd", "no-warmup", "0", "no-norm", "sigma")
+    assert float(real["attn_entropy_final"]) == pytest.approx(np.mean(summary["attention_entropy"]["final"]))
+
+
+CURVES = {"train/loss": [2.3, 1.9, 1.2, 0.8], "val/acc": [0.3, 0.5], "diag/attn_entropy/min": [2.8, 2.1, 1.0, 0.4]}
+
+
+def optimizer_runs(runs: Path) -> dict[str, Path]:
+    no_acc = {k: v for k, v in CURVES.items() if k != "val/acc"}
+    return {
+        "plain": fake_run(runs, "vit_optimizers/sgd_plain", 0, lr_scale="1", curves=no_acc),
+        "sigma": fake_run(runs, "vit_optimizers/sgd_sigma", 0, lr_scale="1", curves=CURVES),
+        "sigma_low": fake_run(runs, "vit_optimizers/sgd_sigma", 0, lr_scale="0.3",
+                              curves={k: [x / 2 for x in v] for k, v in CURVES.items()}),
+        "sigma_seed1": fake_run(runs, "vit_optimizers/sgd_sigma", 1, lr_scale="1", curves=CURVES),
+        "adam": fake_run(runs, "vit_optimizers/sgd_sigma", 0, lr_scale="1", scale="full", curves=CURVES),
+    }
+
+
+def test_compare_draws_one_line_per_run_and_metric(tmp_path):
+    dirs = optimizer_runs(tmp_path)
+    chosen, _ = compare.resolve_runs([str(dirs[k]) for k in ("plain", "sigma", "sigma_low")], tmp_path)
+    fig, plotted, notes = compare.draw(chosen, ["train/loss", "val/acc"], logy=frozenset({"train/loss"}))
+    loss_ax, acc_ax = fig.axes
+    assert (loss_ax.get_yscale(), acc_ax.get_yscale()) == ("log", "linear")
+    assert len(loss_ax.get_lines()) == 3 and len(acc_ax.get_lines()) == 2
+    assert plotted["val/acc"] == ["vit_optimizers/sgd_sigma lr_scale=1", "vit_optimizers/sgd_sigma lr_scale=0.3"]
+    np.testing.assert_allclose(loss_ax.get_lines()[2].get_ydata(), np.array(CURVES["train/loss"]) / 2)
+    np.testing.assert_array_equal(acc_ax.get_lines()[0].get_xdata(), [0, 10])
+    assert notes == ["vit_optimizers/sgd_plain lr_scale=1: never logged val/acc, left out of that plot"]
+    assert loss_ax.get_lines()[1].get_color() == acc_ax.get_lines()[0].get_color()  # one colour per run
+
+
+def test_compare_resolves_filters_against_the_runs_dir(tmp_path, capsys):
+    dirs = optimizer_runs(tmp_path / "runs")
+    resolved, _ = compare.resolve_runs(["vit_optimizers/sgd_*"], tmp_path / "runs", scale="proxy", seed=0)
+    assert {r.dir for r in resolved} == {dirs["plain"], dirs["sigma"], dirs["sigma_low"]}
+    every, _ = compare.resolve_runs(["vit_optimizers/sgd_sigma", str(dirs["sigma"])], tmp_path / "runs")
+    assert len(every) == 4  # a run named twice is drawn once
+    labels = dict(zip((r.dir for r in every), compare.labels(every)))
+    assert labels[dirs["adam"]] == "vit_optimizers/sgd_sigma lr_scale=1 scale=full seed=0"
+    assert labels[dirs["sigma_low"]] == "vit_optimizers/sgd_sigma lr_scale=0.3 scale=proxy seed=0"
+    with pytest.raises(ConfigError, match="experiments there: vit_optimizers/sgd_plain, vit_optimizers/sgd_sigma"):
+        compare.resolve_runs(["vit_optimizers/lars_*"], tmp_path / "runs")
+
+    png = tmp_path / "cmp.png"
+    assert main(["compare", "vit_optimizers/sgd_*", "--runs-dir", str(tmp_path / "runs"), "--scale", "proxy",
+                 "--seed", "0", "--metrics", "train/loss,val/acc,diag/attn_entropy/min", "--out", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{png}: 3 metrics of 3 runs" in printed and "val/acc: 2 runs" in printed and "note:" in printed
+    assert matplotlib.image.imread(png).shape[0] > 500  # three stacked subplots
