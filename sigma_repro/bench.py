@@ -11,6 +11,16 @@ and an AdamW step of the same timm ViT with and without σReparam in one process
 Wall time is synchronised with the GPU; on a shared CPU it is noisy, so process time is recorded
 too. The goal this was written for (ViT-S/16 at 224, batch >= 16, 2 CPU cores: <= 1.05x) is
 reported, not asserted.
+
+`bench diagnostics` answers: what does the AttentionDiagnostics callback cost? It trains the real
+ClassificationTask on the real DigitsDataModule with a model from conf/model/ (default the digits
+proxy ViT; a bigger width is a timm size at a smaller patch) in a Lightning Trainer (no logger, no
+checkpoints, no validation), once without and once with the callback at every_n_steps, and times
+each training step, each probe and each gradient read of the real callback. The overhead is
+amortised: (probe + gradient read) / (every_n_steps × step time), all three medians from the run
+with the callback, so a change of machine load between the two runs does not enter it; the goal
+(<= 2% at every_n_steps=100) is reported, not asserted. The measured ratio of the two runs'
+training times is recorded beside it; on a shared CPU it is the noisier number.
 """
 
 from __future__ import annotations
@@ -21,9 +31,11 @@ import json
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,8 +44,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from sigma_repro import provenance
+from sigma_repro.config import CONF_DIR
 from sigma_repro.errors import ConfigError
 from sigma_repro.reparam import QKV_MODES, apply_sigma_reparam
+
 
 VIT_SIZES = {  # timm's ViT sizes; patch 16 throughout
     "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
@@ -107,14 +121,26 @@ def _train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     return step
 
 
-def _run_reparam(args: argparse.Namespace) -> int:
+def _device(args: argparse.Namespace) -> torch.device:
+    """The --device asked for, after --threads is applied; a clear error when CUDA is missing."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-    if args.repeats < 1 or args.warmup < 0:
-        raise ConfigError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    return torch.device(args.device)
+
+
+def _write_record(record: dict, out: Path | None) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=2, default=str) + "\n")  # default: Paths
+        print(f"wrote {out}")
+
+
+def _run_reparam(args: argparse.Namespace) -> int:
+    if args.repeats < 1 or args.warmup < 0:
+        raise ConfigError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    device = _device(args)
     torch.manual_seed(0)
     size = {**VIT_SIZES[args.model], **({"depth": args.depth} if args.depth else {})}
     plain = VisionTransformer(img_size=args.img_size, patch_size=16, num_classes=1000, **size).to(device).train()
@@ -143,11 +169,7 @@ def _run_reparam(args: argparse.Namespace) -> int:
         }
         record["results"].append(result)
         _print_reparam_row(result)
-
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=2, default=str) + "\n")  # default: Paths
-        print(f"wrote {args.out}")
+    _write_record(record, args.out)
     return 0
 
 
@@ -166,9 +188,151 @@ def _print_reparam_row(r: dict) -> None:
           f"{r['reparam']['process_s']:>13.4f}  {r['ratio']['process_s']:>6.3f}", flush=True)
 
 
+def _add_diagnostics_arguments(parser: argparse.ArgumentParser) -> None:
+    models = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    parser.add_argument("--model", choices=models, default="vit_digits", help="a conf/model config, on 8x8 digits")
+    parser.add_argument("--patch-size", type=int, default=None, help="override the config's (must divide 8)")
+    parser.add_argument("--depth", type=int, default=None, help="override the config's number of blocks")
+    parser.add_argument("--steps", type=int, default=200, help="training steps per run")
+    parser.add_argument("--every-n-steps", type=int, default=100, help="the callback's probe period")
+    parser.add_argument("--batch-size", type=int, default=128, help="training batch (conf/data/digits.yaml's)")
+    parser.add_argument("--probe-size", type=int, default=64, help="probe batch (conf/callbacks's)")
+    parser.add_argument("--reparam", action="store_true", help="apply σReparam to the model in both runs")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON record here")
+
+
+def _timed_diagnostics(device: torch.device, **kwargs):
+    """The real AttentionDiagnostics, recording the wall time of each probe and gradient read."""
+    from sigma_repro.diagnostics.callbacks import AttentionDiagnostics
+
+    class TimedDiagnostics(AttentionDiagnostics):
+        def __init__(self) -> None:
+            super().__init__(**kwargs)
+            self.probe_s: list[float] = []
+            self.grad_s: list[float] = []
+
+        def _probe_once(self, trainer, pl_module) -> None:
+            self._timed(self.probe_s, "steps", partial(AttentionDiagnostics._probe_once, self, trainer, pl_module))
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            self._timed(self.grad_s, "grad_steps",
+                        partial(AttentionDiagnostics.on_before_optimizer_step, self, trainer, pl_module, optimizer))
+
+        def _timed(self, times: list[float], steps_key: str, fn: Callable[[], None]) -> None:
+            before = len(self.history[steps_key])
+            wall, _ = time_call(fn, device)
+            if len(self.history[steps_key]) > before:  # it measured, not skipped a step it had
+                times.append(wall)
+
+    return TimedDiagnostics()
+
+
+def _step_timer(device: torch.device):
+    """A callback timing each training step (forward, backward, optimizer; no data loading) and the
+    whole training loop. Put it first: its batch-end hook then runs before the probe's."""
+    import lightning.pytorch as pl
+
+    class StepTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.step_s: list[float] = []
+            self.train_s = 0.0
+
+        def _now(self) -> float:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter()
+
+        def on_train_start(self, *args) -> None:
+            self._train_start = self._now()
+
+        def on_train_batch_start(self, *args) -> None:
+            self._step_start = self._now()
+
+        def on_train_batch_end(self, *args) -> None:
+            self.step_s.append(self._now() - self._step_start)
+
+        def on_train_end(self, *args) -> None:
+            self.train_s = self._now() - self._train_start
+
+    return StepTimer()
+
+
+def _fit_digits(args: argparse.Namespace, device: torch.device, callbacks: list, root: str, steps: int) -> None:
+    """Train the configured model on digits for ``steps`` steps, seeded the same every call."""
+    import hydra.utils
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from sigma_repro.data.images import DigitsDataModule
+    from sigma_repro.tasks.classification import ClassificationTask
+
+    L.seed_everything(0, verbose=False)
+    data = DigitsDataModule(batch_size=args.batch_size, seed=0)
+    overrides = {k: v for k, v in (("patch_size", args.patch_size), ("depth", args.depth)) if v is not None}
+    model = hydra.utils.instantiate(OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml"), img_size=data.image_size,
+                                    in_chans=data.channels, num_classes=data.num_classes, **overrides)
+    if args.reparam:
+        apply_sigma_reparam(model)
+    config = {group: OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{name}.yaml"))
+              for group, name in (("optim", "adamw"), ("schedule", "constant"))}
+    task = ClassificationTask(model, num_classes=data.num_classes, **config)
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=steps, max_epochs=-1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=root, callbacks=callbacks,
+    )
+    trainer.fit(task, datamodule=data)
+
+
+def _run_diagnostics(args: argparse.Namespace) -> int:
+    if args.steps < 1 or args.every_n_steps < 1:
+        raise ConfigError(f"--steps and --every-n-steps must be >= 1, got {args.steps} and {args.every_n_steps}")
+    device = _device(args)
+    record = {"benchmark": "diagnostics", "config": vars(args), "machine": machine_info(device), "results": {}}
+    print(f"AttentionDiagnostics overhead: {args.model} on digits, batch {args.batch_size}, probe {args.probe_size}, "
+          f"{args.steps} steps, every_n_steps={args.every_n_steps}, {record['machine']['device_name']}, "
+          f"{record['machine']['torch_threads']} threads", flush=True)
+    with tempfile.TemporaryDirectory() as root:  # the callback's npz and plots, not wanted here
+        # Untimed: one-off costs (library initialisation, first kernels) would land in the first run.
+        _fit_digits(args, device, [_timed_diagnostics(device, every_n_steps=1, probe_size=args.probe_size,
+                                                      save_dir=root)], root, steps=2)
+        runs = {"plain": [_step_timer(device)]}
+        runs["diagnostics"] = [_step_timer(device), _timed_diagnostics(
+            device, every_n_steps=args.every_n_steps, probe_size=args.probe_size, save_dir=root)]
+        for name, callbacks in runs.items():
+            _fit_digits(args, device, callbacks, root, args.steps)
+            timer = callbacks[0]
+            record["results"][name] = {"step_s": statistics.median(timer.step_s), "train_s": timer.train_s,
+                                       "samples": timer.step_s}
+    diag = runs["diagnostics"][1]  # probes at step 0 and the last step, gradients at step 0 at least
+    plain, timed = record["results"]["plain"], record["results"]["diagnostics"]
+    timed.update(probe_s=statistics.median(diag.probe_s), probe_samples=diag.probe_s,
+                 grad_s=statistics.median(diag.grad_s), grad_samples=diag.grad_s)
+    record["results"]["overhead"] = {
+        "amortised": (timed["probe_s"] + timed["grad_s"]) / (args.every_n_steps * timed["step_s"]),
+        "measured": timed["train_s"] / plain["train_s"] - 1,
+    }
+    _print_diagnostics(record)
+    _write_record(record, args.out)
+    return 0
+
+
+def _print_diagnostics(record: dict) -> None:
+    r, every = record["results"], record["config"]["every_n_steps"]
+    print(f"medians: step {r['diagnostics']['step_s'] * 1e3:.1f} ms with the callback "
+          f"({r['plain']['step_s'] * 1e3:.1f} ms in the plain run), probe {r['diagnostics']['probe_s'] * 1e3:.1f} ms, "
+          f"gradient read {r['diagnostics']['grad_s'] * 1e3:.2f} ms")
+    print(f"overhead at every_n_steps={every}: amortised {r['overhead']['amortised']:.2%} (goal <= 2%), "
+          f"measured training-time ratio {r['overhead']['measured']:+.2%}", flush=True)
+
+
 BENCHMARKS = {
     "reparam": Benchmark("training-step time of a timm ViT with and without σReparam",
                          _add_reparam_arguments, _run_reparam),
+    "diagnostics": Benchmark("overhead of the AttentionDiagnostics callback on the digits ViT",
+                             _add_diagnostics_arguments, _run_diagnostics),
 }
 
 

@@ -1,6 +1,11 @@
-"""AttentionDiagnostics in a real lightning.Trainer on CPU: logged keys, saved files, resume."""
+"""AttentionDiagnostics in a real lightning.Trainer on CPU: logged keys, saved files, resume; and
+`sigma-repro bench diagnostics`, which times it."""
 
+import argparse
 import csv
+import json
+import statistics
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
@@ -10,16 +15,22 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from sigma_repro.diagnostics import attention_entropy
+from sigma_repro import bench
+from sigma_repro.diagnostics import attention_entropy, attention_grad_norms, attention_logit_norms, rank_collapse
 from sigma_repro.diagnostics.callbacks import (
     AttentionDiagnostics,
     plot_entropy_comparison,
     plot_entropy_curves,
+    plot_entropy_heads,
+    plot_sigma_curves,
     save_history,
 )
+from sigma_repro.errors import ConfigError
 from sigma_repro.reparam import apply_sigma_reparam
+from tests.test_diag_entropy import TappedAttention
 
 
 class TinyVitTask(pl.LightningModule):
@@ -42,9 +53,13 @@ class TinyVitTask(pl.LightningModule):
         return (self.probe_x[:n],), {}
 
 
-def fit(root, max_steps, diagnostics, ckpt_path=None):
+def training_data():
     torch.manual_seed(1)
-    data = DataLoader(TensorDataset(torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,))), batch_size=8)
+    return torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,))
+
+
+def fit(root, max_steps, diagnostics, ckpt_path=None):
+    data = DataLoader(TensorDataset(*training_data()), batch_size=8)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, default_root_dir=root,
         logger=CSVLogger(root, name="csv", version=0), log_every_n_steps=50,
@@ -78,9 +93,31 @@ def test_logs_saves_and_resumes_the_whole_curve(tmp_path):
     assert float(last["diag/attn_entropy/min"]) == min(float(last["diag/attn_entropy/L00"]),
                                                        float(last["diag/attn_entropy/L01"]))
 
-    # the last probe is attention_entropy of the trained model on the probe batch
+    # the last probe is attention_entropy, rank_collapse and attention_logit_norms of the trained
+    # model on the probe batch, all from its one forward
     final = attention_entropy(task.model, task.probe_x[:4])
     assert float(last["diag/attn_entropy/L01/H00"]) == pytest.approx(float(final["blocks.1.attn"][0]), abs=1e-6)
+    blocks = rank_collapse(task.model, task.probe_x[:4])
+    for b, name in enumerate(["blocks.0", "blocks.1"]):
+        for kind in ("token_cosine", "residual_ratio"):
+            assert float(last[f"diag/{kind}/B{b:02d}"]) == pytest.approx(blocks[name][kind], abs=1e-6)
+    logit_norms = attention_logit_norms(task.model)
+    assert float(last["diag/logit_norm/L01"]) == pytest.approx(float(logit_norms["blocks.1.attn"].max()), rel=1e-6)
+    assert float(last["diag/logit_norm/L00/H01"]) == pytest.approx(float(logit_norms["blocks.0.attn"][1]), rel=1e-6)
+
+    # gradient norms of the training batch at probe steps 0, 2, 4 (step 5 trains no batch)
+    grad_rows = [r for r in logged_rows(tmp_path) if r.get("diag/grad_ratio_qv/L00")]
+    assert [int(r["step"]) for r in grad_rows] == [0, 2, 4]
+    for row in grad_rows:
+        for i in range(2):
+            ratio = float(row[f"diag/grad_norm/q/L{i:02d}"]) / float(row[f"diag/grad_norm/v/L{i:02d}"])
+            assert float(row[f"diag/grad_ratio_qv/L{i:02d}"]) == pytest.approx(ratio, rel=1e-6)
+    fresh = TinyVitTask().model.train()  # step 0's gradients, recomputed on the first training batch
+    images, labels = training_data()
+    F.cross_entropy(fresh(images[:8]), labels[:8]).backward()
+    for role in ("q", "k", "v", "o"):
+        expected = attention_grad_norms(fresh)["blocks.1.attn"][role]
+        assert float(grad_rows[0][f"diag/grad_norm/{role}/L01"]) == pytest.approx(expected, rel=1e-5)
 
     saved = np.load(tmp_path / "diagnostics.npz")
     assert saved["steps"].tolist() == [0, 2, 4, 5]
@@ -89,7 +126,14 @@ def test_logs_saves_and_resumes_the_whole_curve(tmp_path):
     assert saved["sigma"].shape == (4, len(saved["sigma_names"])) and "blocks.0.attn.qkv" in saved["sigma_names"]
     assert saved["gamma"].shape == (4, len(saved["gamma_names"]))
     assert np.allclose(saved["entropy"][0], np.log(17), atol=0.5)  # near log T at init
-    assert (tmp_path / "plots" / "attention_entropy.png").stat().st_size > 0
+    assert saved["blocks"].tolist() == ["blocks.0", "blocks.1"]
+    assert saved["token_cosine"].shape == saved["residual_ratio"].shape == (4, 2)
+    assert saved["logit_layers"].tolist() == saved["layers"].tolist() and saved["logit_norm"].shape == (4, 2, 2)
+    assert saved["grad_steps"].tolist() == [0, 2, 4] and saved["grad_norm"].shape == (3, 2, 4)
+    assert saved["grad_roles"].tolist() == ["q", "k", "v", "o"]
+    assert saved["grad_norm"][0, 1, 0] == pytest.approx(float(grad_rows[0]["diag/grad_norm/q/L01"]), rel=1e-6)
+    for plot in ("attention_entropy", "entropy_heads", "sigma"):
+        assert (tmp_path / "plots" / f"{plot}.png").stat().st_size > 0
 
     # resume from the step-5 checkpoint to step 8: the history continues on the same grid. The
     # end-of-training probe at step 5 came after that checkpoint was written, so it is not in it.
@@ -97,6 +141,8 @@ def test_logs_saves_and_resumes_the_whole_curve(tmp_path):
     fit(tmp_path, 8, resumed, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
     assert resumed.history["steps"] == [0, 2, 4, 6, 8]
     assert resumed.history["entropy"][:3] == diag.history["entropy"][:3]
+    assert resumed.history["grad_steps"] == [0, 2, 4, 6]
+    assert resumed.history["token_cosine"][:3] == diag.history["token_cosine"][:3]
     assert np.load(tmp_path / "diagnostics.npz")["entropy"].shape == (5, 2, 2)
 
 
@@ -115,4 +161,60 @@ def test_state_dict_round_trip_and_plots_from_files(tmp_path):
     plot_entropy_curves(tmp_path / "run" / "diagnostics.npz", tmp_path / "one.png", title="one run")
     plot_entropy_comparison({"baseline": tmp_path / "run" / "diagnostics.npz",
                              "sigma": tmp_path / "run" / "diagnostics.npz"}, tmp_path / "both.png")
-    assert (tmp_path / "one.png").stat().st_size > 0 and (tmp_path / "both.png").stat().st_size > 0
+    plot_entropy_heads(tmp_path / "run" / "diagnostics.npz", tmp_path / "heads.png")
+    for png in ("one", "both", "heads"):
+        assert (tmp_path / f"{png}.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="sigma_stats"):
+        plot_sigma_curves(tmp_path / "run" / "diagnostics.npz", tmp_path / "sigma.png")
+
+    old = {key: diag.history[key] for key in ("steps", "layers", "entropy", "entropy_norm", "sigma_names", "sigma",
+                                               "gamma_names", "gamma")}
+    other.load_state_dict(old)  # a checkpoint from before rank collapse, logit and gradient norms
+    assert other.history == diag.history
+
+
+def test_parts_switch_off_and_unusable_models_fail_before_training(tmp_path):
+    diag = AttentionDiagnostics(every_n_steps=2, probe_size=4, rank_collapse=False, grad_norms=False,
+                                logit_norms=False)
+    fit(tmp_path, 2, diag)
+    keys = set().union(*logged_rows(tmp_path))
+    assert "diag/attn_entropy/L00" in keys
+    assert not any(k.startswith(("diag/token_cosine", "diag/grad_", "diag/logit_norm")) for k in keys)
+    saved = np.load(tmp_path / "diagnostics.npz")
+    assert not {"token_cosine", "logit_norm", "grad_norm"} & set(saved.files)
+
+    no_blocks = SimpleNamespace(model=nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2)}),
+                                probe_inputs=lambda n: ((), {}))
+    with pytest.raises(ConfigError, match="rank_collapse=false"):
+        AttentionDiagnostics().on_fit_start(None, no_blocks)
+    AttentionDiagnostics(rank_collapse=False).on_fit_start(None, no_blocks)
+    fused_only = SimpleNamespace(model=nn.ModuleDict({"layers": nn.ModuleList([TappedAttention()])}),
+                                 probe_inputs=lambda n: ((), {}))  # taps, but one fused qkv matrix
+    with pytest.raises(ConfigError, match="set both to false"):
+        AttentionDiagnostics().on_fit_start(None, fused_only)
+    AttentionDiagnostics(grad_norms=False, logit_norms=False).on_fit_start(None, fused_only)
+
+
+def test_bench_diagnostics_reports_the_ratio_of_its_recorded_times(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="sigma-repro bench")
+    bench.add_arguments(parser)
+    out = tmp_path / "diagnostics.json"
+    args = parser.parse_args(["diagnostics", "--depth", "1", "--steps", "3", "--every-n-steps", "2",
+                              "--batch-size", "16", "--probe-size", "4", "--out", str(out)])
+    assert bench.run(args) == 0
+    record = json.loads(out.read_text())
+
+    assert record["benchmark"] == "diagnostics" and record["config"]["every_n_steps"] == 2
+    for key in ("cpu_model", "torch_version", "torch_threads", "device_name", "date", "git_sha", "command"):
+        assert key in record["machine"]
+    plain, timed, overhead = (record["results"][k] for k in ("plain", "diagnostics", "overhead"))
+    for run in (plain, timed):
+        assert len(run["samples"]) == 3 and run["step_s"] == statistics.median(run["samples"]) and run["train_s"] > 0
+    assert len(timed["probe_samples"]) == 3  # steps 0, 2 and the last step, 3
+    assert len(timed["grad_samples"]) == 2  # the training batches at steps 0 and 2
+    assert timed["probe_s"] == statistics.median(timed["probe_samples"])
+    assert timed["grad_s"] == statistics.median(timed["grad_samples"])
+    assert overhead["amortised"] == (timed["probe_s"] + timed["grad_s"]) / (2 * timed["step_s"])
+    assert overhead["measured"] == timed["train_s"] / plain["train_s"] - 1
+    printed = capsys.readouterr().out
+    assert "amortised" in printed and f"wrote {out}" in printed

@@ -8,7 +8,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from sigma_repro.diagnostics import (
+    attention_logit_norms,
     entropy_lower_bound,
+    rank_collapse,
     reparam_gammas,
     reparam_sigmas,
     residual_ratio,
@@ -16,6 +18,7 @@ from sigma_repro.diagnostics import (
     token_cosine,
 )
 from sigma_repro.reparam import apply_sigma_reparam
+from tests.test_diag_gradients import ProjAttention
 
 
 @pytest.mark.parametrize("s, T, expected", [
@@ -143,3 +146,146 @@ def test_spectral_norms_report_sigma_reparam_per_split_and_exact_elsewhere():
     stats = nn.Sequential(nn.Linear(4, 4))
     apply_sigma_reparam(stats, stats_only=True)
     assert list(reparam_sigmas(stats)) == ["0.weight"] and reparam_gammas(stats) == {}
+
+
+def per_head_logit_norms(w_q, w_k, heads, scale):
+    """||W_K,h W_Q,hᵀ||₂·scale by explicit per-head products: logits_h = x W_Q,hᵀ W_K,h yᵀ."""
+    w_q, w_k = w_q.detach().double(), w_k.detach().double()
+    hd = w_q.shape[0] // heads
+    return torch.stack([
+        torch.linalg.matrix_norm(w_q[h * hd:(h + 1) * hd].T @ w_k[h * hd:(h + 1) * hd], 2) * scale
+        for h in range(heads)
+    ]).float()
+
+
+def test_logit_norms_match_explicit_per_head_products():
+    torch.manual_seed(4)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=3, embed_dim=16,
+                                         depth=1, num_heads=2, qkv_bias=True)
+            self.packed = nn.MultiheadAttention(12, 3)
+            self.separate = nn.MultiheadAttention(16, 4, kdim=6, vdim=6)
+            self.proj = ProjAttention(16, 4, kdim=8, scale=0.3)
+
+    model = Model()
+    for m in model.modules():  # larger than timm's init, so that the products are far from 0
+        if isinstance(m, (nn.Linear, nn.MultiheadAttention)):
+            for p in m.parameters():
+                nn.init.normal_(p)
+    with torch.no_grad():
+        model.proj.q_proj.weight[1:4] = 0  # head 0 of W_Q has rank 1: the explicit-product path
+    got = attention_logit_norms(model)
+    qkv = model.vit.blocks[0].attn.qkv.weight
+    w_q, w_k, _ = model.packed.in_proj_weight.chunk(3)
+    expected = {
+        "vit.blocks.0.attn": per_head_logit_norms(qkv[:16], qkv[16:32], 2, 8 ** -0.5),
+        "packed": per_head_logit_norms(w_q, w_k, 3, 4 ** -0.5),
+        "separate": per_head_logit_norms(model.separate.q_proj_weight, model.separate.k_proj_weight, 4, 4 ** -0.5),
+        "proj": per_head_logit_norms(model.proj.q_proj.weight, model.proj.k_proj.weight, 4, 0.3),
+    }
+    assert list(got) == list(expected)
+    for name, value in expected.items():
+        assert got[name].dtype == torch.float32 and got[name].shape == value.shape
+        torch.testing.assert_close(got[name], value, rtol=1e-6, atol=0)
+
+
+def test_logit_norms_use_the_sigma_reparam_weights():
+    torch.manual_seed(5)
+    vit = VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=3, embed_dim=16, depth=1, num_heads=2)
+    w = vit.blocks[0].attn.qkv.weight.detach().clone()
+    apply_sigma_reparam(vit, gamma_init=1.0)  # Ŵ = W / σ(W): σ is exact at apply time
+    u = vit.blocks[0].attn.qkv.parametrizations.weight[0].u.clone()
+    w_hat = w / svd_norm(w)
+    got = attention_logit_norms(vit)["blocks.0.attn"]
+    torch.testing.assert_close(got, per_head_logit_norms(w_hat[:16], w_hat[16:32], 2, 8 ** -0.5), rtol=1e-5, atol=0)
+    assert torch.equal(vit.blocks[0].attn.qkv.parametrizations.weight[0].u, u)  # no power step
+    with pytest.raises(ValueError, match="no supported attention module"):
+        attention_logit_norms(nn.Linear(2, 2))
+
+
+def hooked_outputs(model, names, *args, **kwargs):
+    """Outputs of the named modules in one eval no-grad forward, by hooks of the test's own."""
+    outputs, handles = {}, []
+    for name in names:
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_hook(lambda m, a, out, name=name: outputs.__setitem__(name, out)))
+    model.eval()
+    with torch.no_grad():
+        model(*args, **kwargs)
+    for h in handles:
+        h.remove()
+    return outputs
+
+
+def test_rank_collapse_per_timm_block_matches_metrics_on_hooked_outputs():
+    torch.manual_seed(6)
+    vit = VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=3, embed_dim=16, depth=3, num_heads=2)
+    vit.train()
+    x = torch.randn(4, 1, 8, 8)
+    got = rank_collapse(vit, x)
+    assert list(got) == ["blocks.0", "blocks.1", "blocks.2"]  # not blocks.0.attn & co: outermost matches
+    assert vit.training and all(not m._forward_hooks and not m._forward_pre_hooks for m in vit.modules())
+    for name, out in hooked_outputs(vit, got, x).items():
+        assert got[name]["token_cosine"] == pytest.approx(float(token_cosine(out)), abs=1e-6)
+        assert got[name]["residual_ratio"] == pytest.approx(float(residual_ratio(out)), abs=1e-6)
+    assert list(rank_collapse(vit, x, blocks="blocks.2")) == ["blocks.2"]
+    with pytest.raises(ValueError, match="encoder.layers"):
+        rank_collapse(vit, x, blocks=["encoder.layers.*"])
+
+
+def test_rank_collapse_is_mask_aware_for_sequence_first_mha_stacks():
+    torch.manual_seed(7)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0)  # (T, B, E)
+    encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    x = torch.randn(6, 3, 16)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[0, 4:] = pad[2, 2:] = True
+    x[pad.T] = 50.0  # padded positions must not count
+    got = rank_collapse(encoder, x, src_key_padding_mask=pad)
+    assert list(got) == ["layers.0", "layers.1"]
+    for name, out in hooked_outputs(encoder, got, x, src_key_padding_mask=pad).items():
+        tokens = out.transpose(0, 1)  # (B, T, E)
+        assert got[name]["token_cosine"] == pytest.approx(float(token_cosine(tokens, ~pad)), abs=1e-6)
+        assert got[name]["residual_ratio"] == pytest.approx(float(residual_ratio(tokens, ~pad)), abs=1e-6)
+        assert got[name]["token_cosine"] != pytest.approx(float(token_cosine(tokens)), abs=1e-3)
+
+
+class TappedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.self_attn, self.cross_attn = ProjAttention(16, 2), ProjAttention(16, 2)
+
+    def forward(self, x, memory, pad, memory_pad):
+        x = x + self.self_attn(x, key_padding_mask=pad)
+        return x + self.cross_attn(x, memory, key_padding_mask=memory_pad)
+
+
+class TappedDecoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.decoder = nn.Module()
+        self.decoder.layers = nn.ModuleList([TappedBlock(), TappedBlock()])
+
+    def forward(self, x, memory, pad, memory_pad):
+        for block in self.decoder.layers:
+            x = block(x, memory, pad, memory_pad)
+        return x
+
+
+def test_rank_collapse_takes_the_padding_of_the_self_attention_in_tapped_blocks():
+    torch.manual_seed(8)
+    model = TappedDecoder()
+    x, memory = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    memory_pad = torch.zeros(3, 5, dtype=torch.bool)
+    memory_pad[0, 1:] = True  # same length as x: only the self-attention's mask is about x's tokens
+    args = (x, memory, pad, memory_pad)
+    got = rank_collapse(model, *args, blocks="decoder.layers.*")
+    assert list(got) == ["decoder.layers.0", "decoder.layers.1"]
+    for name, out in hooked_outputs(model, got, *args).items():
+        assert got[name]["token_cosine"] == pytest.approx(float(token_cosine(out, ~pad)), abs=1e-6)
+        assert got[name]["residual_ratio"] == pytest.approx(float(residual_ratio(out, ~pad)), abs=1e-6)

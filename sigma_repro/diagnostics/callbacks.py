@@ -1,28 +1,42 @@
-"""Lightning callback that logs attention entropy (and σReparam's σ, γ) every N steps, plus plots.
+"""Lightning callback that logs the attention diagnostics every N steps, plus plots.
 
 Why a callback: the paper's evidence is the entropy *curve* per layer over training, next to the
-loss. The callback probes a fixed batch, so points differ only because the model changed; the probe
-is one eval-mode no-grad forward (entropy.py), so it never alters training, and it runs on the
-eager module under ``torch.compile``.
+loss, and the neighbouring papers' evidence is how rank collapse, query/key gradients and logit
+norms move with it. The callback probes a fixed batch, so points differ only because the model
+changed. Everything but the gradients comes from ONE eval-mode no-grad forward on that batch
+(entropy.py's hooks plus rank.py's block hooks) and from reading weights, so it never alters
+training, and it runs on the eager module under ``torch.compile``. The gradient norms are read
+from the training step's own gradients at probe steps (``on_before_optimizer_step``: after the
+backward and AMP unscaling, before clipping and the update), so they cost no extra pass.
 
 Contract with the LightningModule: ``pl_module.model`` is the nn.Module to probe and
 ``pl_module.probe_inputs(n) -> (args, kwargs)`` gives n fixed examples as arguments of
 ``pl_module.model(*args, **kwargs)``.
 
-Outputs:
-- logged every ``every_n_steps`` optimizer steps (and at step 0 and at the end of training) to all
-  of ``trainer.loggers`` at ``step=trainer.global_step``, bypassing ``log_every_n_steps``:
-  ``diag/attn_entropy/L{i:02d}`` (mean over heads; layers numbered in module order),
-  ``diag/attn_entropy/L{i:02d}/H{h:02d}`` (if ``per_head``), ``diag/attn_entropy_norm/L{i:02d}``
-  (entropy / log T_valid), ``diag/attn_entropy/min`` (lowest layer mean), and, for models with
-  σReparam, ``diag/sigma/<matrix>`` and ``diag/gamma/<matrix>`` (e.g. ``blocks.0.attn.qkv``).
-- the history of all probes, kept in the callback's state so a resumed run has the whole curve
-  (the end-of-training probe comes after the last checkpoint is written, so a resumed run's
-  history holds the regular grid up to its checkpoint, then continues);
-- at fit end (rank zero), ``<save_dir or trainer.default_root_dir>/diagnostics.npz`` and
-  ``plots/attention_entropy.png`` in the same directory.
+Outputs, logged every ``every_n_steps`` optimizer steps (and at step 0 and at the end of training)
+to all of ``trainer.loggers`` at ``step=trainer.global_step``, bypassing ``log_every_n_steps``.
+Attention layers ``L{i:02d}`` are numbered by the model's attention modules in module order,
+blocks ``B{i:02d}`` by the modules the ``blocks`` patterns pick (rank.py):
+- ``diag/attn_entropy/L{i:02d}`` (mean over heads), ``.../L{i:02d}/H{h:02d}`` (if ``per_head``),
+  ``diag/attn_entropy_norm/L{i:02d}`` (entropy / log T_valid), ``diag/attn_entropy/min``;
+- ``diag/token_cosine/B{i:02d}``, ``diag/residual_ratio/B{i:02d}`` (if ``rank_collapse``);
+- ``diag/logit_norm/L{i:02d}``: the entropy bound's σ = ||W_K,h W_Q,hᵀ||₂·scale, max over heads,
+  per head under ``/H{h:02d}`` (if ``logit_norms``; spectral.py);
+- ``diag/grad_norm/{q,k,v,o}/L{i:02d}`` and ``diag/grad_ratio_qv/L{i:02d}`` = ||∂L/∂W_Q|| /
+  ||∂L/∂W_V|| of the training batch at the probe steps except the last (if ``grad_norms``);
+- for models with σReparam, ``diag/sigma/<matrix>`` and ``diag/gamma/<matrix>`` (e.g.
+  ``blocks.0.attn.qkv``). Without the plugin there is no σ to log (exact SVDs of every matrix
+  every N steps are too slow at ViT-B size): run ``reparam=sigma_stats`` to track σ by power
+  iteration in a baseline run without changing it.
+The history of all probes is kept in the callback's state (plain data), so a resumed run has the
+whole curve (the end-of-training probe comes after the last checkpoint is written, so a resumed
+run's history holds the regular grid up to its checkpoint, then continues). At fit end (rank
+zero) it goes to ``<save_dir or trainer.default_root_dir>/diagnostics.npz`` with plots in
+``plots/`` there: ``attention_entropy.png`` (entropy per layer over steps), ``entropy_heads.png``
+(layers × heads at the last probe) and ``sigma.png`` (σReparam's σ over steps, when tracked).
 
-``plot_entropy_curves`` and ``plot_entropy_comparison`` redraw those plots from saved files.
+``plot_entropy_curves``, ``plot_entropy_comparison``, ``plot_entropy_heads`` and
+``plot_sigma_curves`` redraw plots from saved files.
 """
 
 from __future__ import annotations
@@ -30,33 +44,68 @@ from __future__ import annotations
 import copy
 import math
 import re
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from torch import nn
 
-from sigma_repro.diagnostics.entropy import probe_attention_entropy
-from sigma_repro.diagnostics.spectral import reparam_gammas, reparam_sigmas
+from sigma_repro.diagnostics.entropy import _hook_installer, probe_attention_entropy
+from sigma_repro.diagnostics.gradients import ROLES, attention_grad_norms
+from sigma_repro.diagnostics.rank import capture_rank_collapse, transformer_blocks
+from sigma_repro.diagnostics.spectral import attention_layout, attention_logit_norms, reparam_gammas, reparam_sigmas
 from sigma_repro.errors import ConfigError
 
 NPZ_NAME = "diagnostics.npz"
 PLOT_PATH = "plots/attention_entropy.png"
+HEADS_PLOT_PATH = "plots/entropy_heads.png"
+SIGMA_PLOT_PATH = "plots/sigma.png"
+
+
+def _empty_history() -> dict[str, list]:
+    # Plain Python data only: it goes into checkpoints, which are loaded with weights_only=True.
+    return {
+        "steps": [],           # [S] optimizer steps probed
+        "layers": [],          # [L] attention modules the probe forward called, in module order
+        "entropy": [],         # [S][L][H] per-head mean entropy
+        "entropy_norm": [],    # [S][L][H] per-head mean entropy / log T_valid
+        "sigma_names": [],     # [M] σReparam matrices (short names)
+        "sigma": [],           # [S][M] tracked σ
+        "gamma_names": [],     # [M'] matrices σReparam rescales
+        "gamma": [],           # [S][M'] γ
+        "blocks": [],          # [B] transformer blocks (rank collapse)
+        "token_cosine": [],    # [S][B]
+        "residual_ratio": [],  # [S][B]
+        "logit_layers": [],    # [L'] attention modules with readable W_Q, W_K
+        "logit_norm": [],      # [S][L'][H] ||W_K,h W_Q,hᵀ||₂·scale
+        "grad_steps": [],      # [G] optimizer steps whose training gradients were read
+        "grad_layers": [],     # [L''] attention modules with gradients
+        "grad_norm": [],       # [G][L''][4] ||∂L/∂W|| for W_Q, W_K, W_V, W_O (NaN: no such gradient)
+    }
 
 
 class AttentionDiagnostics(pl.Callback):
-    """Probe attention entropy on a fixed batch every ``every_n_steps`` optimizer steps.
+    """Probe attention diagnostics on a fixed batch every ``every_n_steps`` optimizer steps.
 
     probe_size: examples in the probe batch (``pl_module.probe_inputs(probe_size)``).
-    per_head: also log every head's entropy (the history always keeps per-head values).
+    per_head: also log every head's entropy and logit norm (the history always keeps per-head values).
     save_dir: where diagnostics.npz and plots/ go; None = ``trainer.default_root_dir``.
+    rank_collapse: token cosine and residual ratio of every block output, from the probe forward.
+    grad_norms: W_Q, W_K, W_V, W_O gradient norms of the training step at probe steps.
+    logit_norms: per-head ||W_K,h W_Q,hᵀ||₂·scale from the effective weights.
+    blocks: fnmatch pattern(s) naming the transformer blocks (rank.py); None = timm's ``blocks.*``
+        and our stacks' ``layers.*``.
     """
 
     def __init__(self, every_n_steps: int = 10, probe_size: int = 64, per_head: bool = True,
-                 save_dir: str | None = None) -> None:
+                 save_dir: str | None = None, *, rank_collapse: bool = True, grad_norms: bool = True,
+                 logit_norms: bool = True, blocks: str | list[str] | None = None) -> None:
         if every_n_steps < 1 or probe_size < 1:
             raise ConfigError(
                 f"AttentionDiagnostics needs every_n_steps >= 1 and probe_size >= 1; got "
@@ -66,18 +115,14 @@ class AttentionDiagnostics(pl.Callback):
         self.probe_size = probe_size
         self.per_head = per_head
         self.save_dir = save_dir
+        self.rank_collapse = rank_collapse
+        self.grad_norms = grad_norms
+        self.logit_norms = logit_norms
+        self.blocks = blocks
         self._probe_inputs: tuple[tuple, dict] | None = None
-        # Plain Python data only: it goes into checkpoints, which are loaded with weights_only=True.
-        self.history: dict[str, list] = {
-            "steps": [],         # [S] optimizer steps probed
-            "layers": [],        # [L] attention module names, in module order
-            "entropy": [],       # [S][L][H] per-head mean entropy
-            "entropy_norm": [],  # [S][L][H] per-head mean entropy / log T_valid
-            "sigma_names": [],   # [M] σReparam matrices (short names)
-            "sigma": [],         # [S][M] tracked σ
-            "gamma_names": [],   # [M'] matrices σReparam rescales
-            "gamma": [],         # [S][M'] γ
-        }
+        self._layer_index: dict[str, int] = {}  # attention module name -> i in L{i:02d}
+        self._block_index: dict[str, int] = {}  # block name -> i in B{i:02d}
+        self.history = _empty_history()
 
     @property
     def state_key(self) -> str:
@@ -87,7 +132,7 @@ class AttentionDiagnostics(pl.Callback):
         return copy.deepcopy(self.history)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = copy.deepcopy(state_dict)
+        self.history = {**_empty_history(), **copy.deepcopy(state_dict)}  # older checkpoints lack newer keys
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not callable(getattr(pl_module, "probe_inputs", None)) or not hasattr(pl_module, "model"):
@@ -95,11 +140,49 @@ class AttentionDiagnostics(pl.Callback):
                 f"AttentionDiagnostics needs {type(pl_module).__name__} to have `model` (the nn.Module "
                 "to probe) and `probe_inputs(n) -> (args, kwargs)`; add them or drop the callback."
             )
+        model = _eager(pl_module)
+        read_weights = self.grad_norms or self.logit_norms
+        layers = [name for name, m in model.named_modules()
+                  if _hook_installer(m) is not None or (read_weights and attention_layout(m) is not None)]
+        self._layer_index = {name: i for i, name in enumerate(layers)}
+        if read_weights and not any(attention_layout(m) is not None for m in model.modules()):
+            raise ConfigError(
+                f"AttentionDiagnostics(grad_norms={self.grad_norms}, logit_norms={self.logit_norms}) finds no "
+                f"attention module in {type(model).__name__} whose W_Q, W_K it can read (timm Attention, "
+                "nn.MultiheadAttention, or q_proj/k_proj nn.Linear with num_heads); set both to false."
+            )
+        if self.rank_collapse:
+            try:
+                blocks = transformer_blocks(model, self.blocks)
+            except ValueError as err:
+                raise ConfigError(f"AttentionDiagnostics(rank_collapse=True): {err} Or set rank_collapse=false.") from err
+            self._block_index = {name: i for i, (name, _) in enumerate(blocks)}
         self._probe_inputs = pl_module.probe_inputs(self.probe_size)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step % self.every_n_steps == 0:
             self._probe_once(trainer, pl_module)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        """Gradient norms of the training batch at probe steps, labelled with the step whose weights
+        they are taken at (the step the probe before this batch measured)."""
+        step, done = trainer.global_step, self.history["grad_steps"]
+        if not self.grad_norms or step % self.every_n_steps or (done and done[-1] >= step):
+            return
+        grads = attention_grad_norms(_eager(pl_module))
+        h = self.history
+        _check_same_names(h, "grad_layers", list(grads), bool(done))
+        h["grad_steps"].append(step)
+        h["grad_layers"] = list(grads)
+        h["grad_norm"].append([[norms.get(role, math.nan) for role in ROLES] for norms in grads.values()])
+        metrics = {}
+        for name, norms in grads.items():
+            i = self._layer_index[name]
+            metrics.update({f"diag/grad_norm/{role}/L{i:02d}": norms[role] for role in ROLES if role in norms})
+            if "ratio_qv" in norms:
+                metrics[f"diag/grad_ratio_qv/L{i:02d}"] = norms["ratio_qv"]
+        _log(trainer, metrics, step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -114,6 +197,9 @@ class AttentionDiagnostics(pl.Callback):
             out_dir = Path(self.save_dir or trainer.default_root_dir)
             save_history(self.history, out_dir / NPZ_NAME)
             plot_entropy_curves(self.history, out_dir / PLOT_PATH)
+            plot_entropy_heads(self.history, out_dir / HEADS_PLOT_PATH)
+            if self.history["sigma_names"]:
+                plot_sigma_curves(self.history, out_dir / SIGMA_PLOT_PATH)
 
     def _probe_once(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Probe and log at the current step unless it is already in the history (gradient
@@ -121,47 +207,85 @@ class AttentionDiagnostics(pl.Callback):
         step = trainer.global_step
         if self.history["steps"] and self.history["steps"][-1] >= step:
             return
-        model = getattr(pl_module.model, "_orig_mod", pl_module.model)  # eager module under torch.compile
+        _log(trainer, self._probe(_eager(pl_module), trainer, pl_module.device, step), step)
+
+    def _probe(self, model: nn.Module, trainer: pl.Trainer, device: torch.device, step: int) -> dict[str, float]:
+        """One probe of ``model``: the forward, the weight reads, the history entry; the metrics to log."""
         precision = trainer.precision_plugin
-        args, kwargs = precision.convert_input(move_data_to_device(self._probe_inputs, pl_module.device))
-        with precision.forward_context():
+        args, kwargs = precision.convert_input(move_data_to_device(self._probe_inputs, device))
+        capture = capture_rank_collapse(model, self.blocks) if self.rank_collapse else nullcontext({})
+        with capture as blocks, precision.forward_context():
             entropy, entropy_norm = probe_attention_entropy(model, args, kwargs)
-        sigmas = {_short_name(k): v for k, v in reparam_sigmas(model).items()}
-        gammas = {_short_name(k): v for k, v in reparam_gammas(model).items()}
-        self._record(step, entropy, entropy_norm, sigmas, gammas)
-        metrics = self._metrics(entropy, entropy_norm, sigmas, gammas)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        probe = {
+            "entropy": entropy,
+            "entropy_norm": entropy_norm,
+            "sigma": {_short_name(k): v for k, v in reparam_sigmas(model).items()},
+            "gamma": {_short_name(k): v for k, v in reparam_gammas(model).items()},
+            "blocks": blocks,
+            "logit_norm": attention_logit_norms(model) if self.logit_norms else {},
+        }
+        self._record(step, probe)
+        return self._metrics(probe)
 
-    def _record(self, step: int, entropy: dict, entropy_norm: dict, sigmas: dict, gammas: dict) -> None:
-        h = self.history
-        if not h["steps"]:
-            h["layers"], h["sigma_names"], h["gamma_names"] = list(entropy), list(sigmas), list(gammas)
-        elif (list(entropy), list(sigmas), list(gammas)) != (h["layers"], h["sigma_names"], h["gamma_names"]):
-            raise RuntimeError(
-                "AttentionDiagnostics: the probed attention modules or σReparam matrices changed between "
-                f"probes (before: {h['layers']}, now: {list(entropy)}); the probe forward must reach "
-                "the same modules every time."
-            )
+    def _record(self, step: int, probe: dict[str, dict]) -> None:
+        h, first = self.history, not self.history["steps"]
+        for names_key, found in (("layers", probe["entropy"]), ("sigma_names", probe["sigma"]),
+                                 ("gamma_names", probe["gamma"]), ("blocks", probe["blocks"]),
+                                 ("logit_layers", probe["logit_norm"])):
+            _check_same_names(h, names_key, list(found), not first)
+            h[names_key] = list(found)
         h["steps"].append(step)
-        h["entropy"].append([v.tolist() for v in entropy.values()])
-        h["entropy_norm"].append([v.tolist() for v in entropy_norm.values()])
-        h["sigma"].append(list(sigmas.values()))
-        h["gamma"].append(list(gammas.values()))
+        h["entropy"].append([v.tolist() for v in probe["entropy"].values()])
+        h["entropy_norm"].append([v.tolist() for v in probe["entropy_norm"].values()])
+        h["sigma"].append(list(probe["sigma"].values()))
+        h["gamma"].append(list(probe["gamma"].values()))
+        if self.rank_collapse:
+            h["token_cosine"].append([m["token_cosine"] for m in probe["blocks"].values()])
+            h["residual_ratio"].append([m["residual_ratio"] for m in probe["blocks"].values()])
+        if self.logit_norms:
+            h["logit_norm"].append([v.tolist() for v in probe["logit_norm"].values()])
 
-    def _metrics(self, entropy: dict, entropy_norm: dict, sigmas: dict, gammas: dict) -> dict[str, float]:
+    def _metrics(self, probe: dict[str, dict]) -> dict[str, float]:
         metrics: dict[str, float] = {}
         layer_means = []
-        for i, (heads, heads_norm) in enumerate(zip(entropy.values(), entropy_norm.values())):
+        for name, heads in probe["entropy"].items():
+            i = self._layer_index[name]
             layer_means.append(float(heads.nanmean()))
             metrics[f"diag/attn_entropy/L{i:02d}"] = layer_means[-1]
             if self.per_head:
                 metrics.update({f"diag/attn_entropy/L{i:02d}/H{j:02d}": float(v) for j, v in enumerate(heads)})
-            metrics[f"diag/attn_entropy_norm/L{i:02d}"] = float(heads_norm.nanmean())
+            metrics[f"diag/attn_entropy_norm/L{i:02d}"] = float(probe["entropy_norm"][name].nanmean())
         metrics["diag/attn_entropy/min"] = min(layer_means)
-        metrics.update({f"diag/sigma/{name}": v for name, v in sigmas.items()})
-        metrics.update({f"diag/gamma/{name}": v for name, v in gammas.items()})
+        for name, values in probe["blocks"].items():
+            b = self._block_index[name]
+            metrics.update({f"diag/{key}/B{b:02d}": value for key, value in values.items()})
+        for name, heads in probe["logit_norm"].items():
+            i = self._layer_index[name]
+            metrics[f"diag/logit_norm/L{i:02d}"] = float(heads.max())
+            if self.per_head:
+                metrics.update({f"diag/logit_norm/L{i:02d}/H{j:02d}": float(v) for j, v in enumerate(heads)})
+        metrics.update({f"diag/sigma/{name}": v for name, v in probe["sigma"].items()})
+        metrics.update({f"diag/gamma/{name}": v for name, v in probe["gamma"].items()})
         return metrics
+
+
+def _eager(pl_module: pl.LightningModule) -> nn.Module:
+    """The module to probe: the eager one under torch.compile (it shares the parameters)."""
+    return getattr(pl_module.model, "_orig_mod", pl_module.model)
+
+
+def _log(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
+def _check_same_names(history: dict[str, list], key: str, names: list[str], recorded: bool) -> None:
+    """Every probe must reach the same modules, or the per-step rows would not line up."""
+    if recorded and names != history[key]:
+        raise RuntimeError(
+            f"AttentionDiagnostics: the probed {key} changed between probes (before: {history[key]}, now: "
+            f"{names}); the probe forward must reach the same modules every time."
+        )
 
 
 def _short_name(name: str) -> str:
@@ -171,8 +295,18 @@ def _short_name(name: str) -> str:
 
 
 def save_history(history: dict[str, list], path: str | Path) -> None:
-    """Write a probe history as .npz: steps (S,), layers (L,), entropy and entropy_norm (S, L, H)
-    (NaN-padded where layers have fewer heads), and sigma/gamma (S, M) with their names if any."""
+    """Write a probe history as .npz (``history_arrays``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **history_arrays(history))
+
+
+def history_arrays(history: dict[str, list]) -> dict[str, np.ndarray]:
+    """The arrays of diagnostics.npz: steps (S,), layers (L,), entropy and entropy_norm (S, L, H)
+    (NaN-padded where layers have fewer heads); where recorded, with their names: sigma and gamma
+    (S, M); token_cosine and residual_ratio (S, B) over blocks; logit_norm (S, L', H) over
+    logit_layers; and grad_norm (G, L'', 4) at grad_steps over grad_layers, last axis grad_roles
+    (q, k, v, o)."""
     arrays = {
         "steps": np.asarray(history["steps"], dtype=np.int64),
         "layers": np.asarray(history["layers"], dtype=str),
@@ -183,9 +317,19 @@ def save_history(history: dict[str, list], path: str | Path) -> None:
         if history[f"{kind}_names"]:
             arrays[f"{kind}_names"] = np.asarray(history[f"{kind}_names"], dtype=str)
             arrays[kind] = np.asarray(history[kind], dtype=np.float32)  # (S, M)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    if history["token_cosine"]:
+        arrays["blocks"] = np.asarray(history["blocks"], dtype=str)
+        for kind in ("token_cosine", "residual_ratio"):
+            arrays[kind] = np.asarray(history[kind], dtype=np.float32)  # (S, B)
+    if history["logit_norm"]:
+        arrays["logit_layers"] = np.asarray(history["logit_layers"], dtype=str)
+        arrays["logit_norm"] = _padded(history["logit_norm"])
+    if history["grad_norm"]:
+        arrays["grad_steps"] = np.asarray(history["grad_steps"], dtype=np.int64)
+        arrays["grad_layers"] = np.asarray(history["grad_layers"], dtype=str)
+        arrays["grad_roles"] = np.asarray(ROLES, dtype=str)
+        arrays["grad_norm"] = np.asarray(history["grad_norm"], dtype=np.float32)  # (G, L'', 4)
+    return arrays
 
 
 def _padded(values: list[list[list[float]]]) -> np.ndarray:
@@ -198,20 +342,18 @@ def _padded(values: list[list[list[float]]]) -> np.ndarray:
     return out
 
 
-def _entropy_curves(history_or_npz: dict | str | Path) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """(steps (S,), layer names, layer-mean entropy (S, L)) from a history dict or a saved .npz."""
+def _arrays(history_or_npz: dict | str | Path) -> dict[str, np.ndarray]:
+    """diagnostics.npz's arrays, from a history dict (the callback's state) or the saved file."""
     if isinstance(history_or_npz, dict):
-        steps, layers = np.asarray(history_or_npz["steps"]), list(history_or_npz["layers"])
-        entropy = _padded(history_or_npz["entropy"])
-    else:
-        with np.load(history_or_npz) as saved:
-            steps, layers, entropy = saved["steps"], saved["layers"].tolist(), saved["entropy"]
-    return steps, layers, np.nanmean(entropy, axis=-1)
+        return history_arrays(history_or_npz)
+    with np.load(history_or_npz) as saved:
+        return dict(saved)
 
 
 def _draw_entropy(ax, history_or_npz: dict | str | Path, title: str | None) -> None:
     """One line per layer, coloured by depth (dark = first layer)."""
-    steps, layers, entropy = _entropy_curves(history_or_npz)
+    arrays = _arrays(history_or_npz)
+    steps, layers, entropy = arrays["steps"], arrays["layers"].tolist(), np.nanmean(arrays["entropy"], axis=-1)
     for i, name in enumerate(layers):
         colour = colormaps["viridis"](i / max(len(layers) - 1, 1))
         ax.plot(steps, entropy[:, i], color=colour, label=f"L{i:02d} {name}")
@@ -244,6 +386,44 @@ def plot_entropy_comparison(runs: dict[str, str | Path], out_png: str | Path) ->
         _draw_entropy(ax, path, label)
     for ax in axes[1:]:
         ax.set_ylabel("")
+    return _save(fig, out_png)
+
+
+def plot_entropy_heads(history_or_npz_path: dict | str | Path, out_png: str | Path,
+                       title: str | None = None) -> Path:
+    """Heatmap of the entropy of every head (columns) of every layer (rows) at the last probe:
+    which heads collapsed, where the per-layer curves only show means."""
+    arrays = _arrays(history_or_npz_path)
+    entropy, layers = arrays["entropy"][-1], arrays["layers"].tolist()  # (L, H)
+    fig = Figure(figsize=(1.5 + 0.45 * entropy.shape[1], 1.2 + 0.3 * len(layers)), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(entropy, cmap="viridis", vmin=0, aspect="auto")
+    fig.colorbar(image, ax=ax, label="attention entropy (nats)")
+    ax.set_xticks(range(entropy.shape[1]), [f"H{h:02d}" for h in range(entropy.shape[1])], fontsize="small")
+    ax.set_yticks(range(len(layers)), [f"L{i:02d} {name}" for i, name in enumerate(layers)], fontsize="x-small")
+    ax.set_title(title or f"Attention entropy per head, step {int(arrays['steps'][-1])}", fontsize="medium")
+    return _save(fig, out_png)
+
+
+def plot_sigma_curves(history_or_npz_path: dict | str | Path, out_png: str | Path,
+                      title: str | None = None) -> Path:
+    """σ(W) of every σReparam-tracked matrix over training, one line per matrix coloured by
+    module order (dark = first): a growing σ is what lets attention entropy collapse."""
+    arrays = _arrays(history_or_npz_path)
+    if "sigma" not in arrays:
+        raise ValueError("this history has no σ: the run had no σReparam matrices (use reparam=sigma_stats to "
+                         "track σ in a baseline run).")
+    steps, names, sigma = arrays["steps"], arrays["sigma_names"].tolist(), arrays["sigma"]
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for i, name in enumerate(names):
+        ax.plot(steps, sigma[:, i], color=colormaps["viridis"](i / max(len(names) - 1, 1)), label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("σ(W), tracked by power iteration")
+    ax.set_title(title or f"Spectral norms of the {len(names)} σReparam matrices")
+    ax.grid(alpha=0.3)
+    if len(names) <= 24:
+        ax.legend(fontsize="xx-small", ncol=math.ceil(len(names) / 12))
     return _save(fig, out_png)
 
 
