@@ -170,7 +170,10 @@ class AttentionDiagnostics(pl.Callback):
         step, done = trainer.global_step, self.history["grad_steps"]
         if not self.grad_norms or step % self.every_n_steps or (done and done[-1] >= step):
             return
-        grads = attention_grad_norms(_eager(pl_module))
+        model = _eager(pl_module)
+        if not any(p.grad is not None for p in model.parameters()):
+            return  # the step was skipped (a non-finite loss ends the run without a backward)
+        grads = attention_grad_norms(model)
         h = self.history
         _check_same_names(h, "grad_layers", list(grads), bool(done))
         h["grad_steps"].append(step)
@@ -207,7 +210,12 @@ class AttentionDiagnostics(pl.Callback):
         step = trainer.global_step
         if self.history["steps"] and self.history["steps"][-1] >= step:
             return
-        _log(trainer, self._probe(_eager(pl_module), trainer, pl_module.device, step), step)
+        model = _eager(pl_module)
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            # A diverging run: its curves end here. The probe would only measure NaN/inf, and the
+            # linear algebra behind it can raise, which must never change the run's own status.
+            return
+        _log(trainer, self._probe(model, trainer, pl_module.device, step), step)
 
     def _probe(self, model: nn.Module, trainer: pl.Trainer, device: torch.device, step: int) -> dict[str, float]:
         """One probe of ``model``: the forward, the weight reads, the history entry; the metrics to log."""
