@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 
-from sigma_repro.analysis import entropy_bound, output_change, rank_collapse
+from sigma_repro.analysis import entropy_bound, output_change, rank_collapse, training_collapse
 
-ANALYSES = {"entropy-bound": entropy_bound, "output-change": output_change, "rank-collapse": rank_collapse}
+ANALYSES = {"entropy-bound": entropy_bound, "output-change": output_change, "rank-collapse": rank_collapse,
+            "training-collapse": training_collapse}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
