@@ -58,6 +58,10 @@ def plot(run_dirs: dict[tuple[float, str], Path], out_png: Path) -> None:
     plt.close(fig)
 
 
+def _lrs(rows: list[dict]) -> str:
+    return ", ".join(f"lr {r['lr']:g}" for r in rows) or "none"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lrs", default="0.003,0.01,0.03", help="AdamW learning rates (default 0.003,0.01,0.03)")
     parser.add_argument("--runs-dir", default="runs", help="root of the run dirs (runs are reused if done)")
@@ -94,10 +98,9 @@ def run(args: argparse.Namespace) -> int:
                "(reparam=sigma_stats: σ tracked, model unchanged) vs σReparam (γ = σ at init, γ at the same lr). "
                "Entropy: mean over heads and 64 fixed validation images, every 10 steps; σ: the tracked "
                "spectral norm of each block's fused qkv matrix (largest over blocks).",
-        findings=f"baseline runs whose entropy fell below 0.5 nats in some layer: "
-                 f"{', '.join(f'lr {r['lr']:g}' for r in collapsed) or 'none'}; σReparam runs whose every layer "
-                 f"stayed at or above 1.0 nats: {', '.join(f'lr {r['lr']:g}' for r in held) or 'none'}. "
-                 "Per row: status, validation accuracy, loss spikes, entropy and σ below.",
+        findings=f"baseline runs whose entropy fell below 0.5 nats in some layer: {_lrs(collapsed)}; σReparam "
+                 f"runs whose every layer stayed at or above 1.0 nats: {_lrs(held)}. Per row below: status, "
+                 "validation accuracy, loss spikes, entropy and σ.",
         rows=rows, figure="training_collapse.png",
     )
     print(path.read_text())
