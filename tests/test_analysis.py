@@ -1,6 +1,8 @@
 """The analytical results at small sizes: numbers against the theorem and independent computations."""
 
 import csv
+import json
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +30,21 @@ def test_entropy_bound_command_writes_table_and_plot(tmp_path):
     md = (tmp_path / "entropy_bound.md").read_text()
     assert "Paper's claim" in md and "git sha" in md
     assert (tmp_path / "entropy_bound.png").stat().st_size > 10_000
+
+
+def test_training_collapse_gathers_real_runs(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    code = main(["analysis", "training-collapse", "--lrs", "0.01", "--runs-dir", str(runs), "--out", str(out),
+                 "logger=csv", "trainer.max_steps=12", "model.depth=2", "callbacks.diagnostics.every_n_steps=4",
+                 "trainer.enable_progress_bar=false"])
+    assert code == 0
+    rows = {r["run"]: r for r in csv.DictReader((out / "training_collapse.csv").open())}
+    assert set(rows) == {"baseline", "sigma"}
+    for name, row in rows.items():
+        summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+        assert float(row["val_acc"]) == pytest.approx(summary["metrics"]["val/acc"], abs=1e-4)
+        assert float(row["entropy_min_over_training"]) == pytest.approx(min(summary["attention_entropy"]["min"]), abs=1e-4)
+        assert summary["config"]["reparam"]["name"] == ("sigma_stats" if name == "baseline" else "sigma")
+    # σReparam with γ = σ(W) at init and the baseline start from the same weights: same σ at step 0
+    assert float(rows["baseline"]["qkv_norm_init"]) == pytest.approx(float(rows["sigma"]["qkv_norm_init"]), rel=1e-5)
+    assert (out / "training_collapse.png").stat().st_size > 10_000

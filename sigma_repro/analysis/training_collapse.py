@@ -23,11 +23,15 @@ from sigma_repro.results import metric_curve
 RUNS = {"baseline": ("demo/plain", ["reparam=sigma_stats"]), "sigma": ("demo/sigma", [])}
 
 
-def qkv_sigma_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, max σ over the attention qkv matrices) from the run's diagnostics.npz."""
+def qkv_norm_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, largest spectral norm of the attention qkv weights the model computes with).
+
+    That is σ(W) for the baseline (tracked by sigma_stats) and γ for σReparam, whose Ŵ = γ/σ·W
+    has spectral norm γ."""
     diag = np.load(run_dir / "diagnostics.npz")
-    columns = [i for i, name in enumerate(diag["sigma_names"]) if "qkv" in str(name)]
-    return diag["steps"], diag["sigma"][:, columns].max(axis=1)
+    kind = "gamma" if "gamma_names" in diag else "sigma"
+    columns = [i for i, name in enumerate(diag[f"{kind}_names"]) if "qkv" in str(name)]
+    return diag["steps"], diag[kind][:, columns].max(axis=1)
 
 
 def min_entropy_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -43,7 +47,7 @@ def plot(run_dirs: dict[tuple[float, str], Path], out_png: Path) -> None:
 
     lrs = sorted({lr for lr, _ in run_dirs})
     panels = (("min attention entropy over layers (nats)", min_entropy_curve, False),
-              ("max σ of attention qkv", qkv_sigma_curve, True),
+              ("max spectral norm of attention qkv (σ(W), or γ)", qkv_norm_curve, True),
               ("train loss", lambda d: metric_curve(d, "train/loss"), True))
     fig, axes = plt.subplots(len(lrs), 3, figsize=(13, 3.2 * len(lrs)), constrained_layout=True, squeeze=False)
     for row, lr in zip(axes, lrs):
@@ -62,6 +66,10 @@ def _lrs(rows: list[dict]) -> str:
     return ", ".join(f"lr {r['lr']:g}" for r in rows) or "none"
 
 
+def _runs(rows: list[dict]) -> str:
+    return ", ".join(f"{r['run']} at lr {r['lr']:g}" for r in rows) or "none"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lrs", default="0.003,0.01,0.03", help="AdamW learning rates (default 0.003,0.01,0.03)")
     parser.add_argument("--runs-dir", default="runs", help="root of the run dirs (runs are reused if done)")
@@ -76,18 +84,19 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for (lr, name), run_dir in run_dirs.items():
         r = run_row(name, run_dir)
-        steps, sigma = qkv_sigma_curve(run_dir)
+        _, qkv_norm = qkv_norm_curve(run_dir)
         rows.append({"lr": lr, "run": name, "status": r["status"], "diverged_step": r["diverged_step"],
                      "val_acc": round(r["val_acc"], 4), "loss_spikes": r["loss_spikes"],
                      "entropy_final_min_layer": round(float(r["entropy_final"].min()), 4),
                      "entropy_min_over_training": round(float(r["entropy_min"].min()), 4),
-                     "qkv_sigma_init": round(float(sigma[0]), 3), "qkv_sigma_max": round(float(sigma.max()), 3),
+                     "qkv_norm_init": round(float(qkv_norm[0]), 3), "qkv_norm_max": round(float(qkv_norm.max()), 3),
                      "run_dir": str(run_dir)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(run_dirs, out / "training_collapse.png")
     collapsed = [r for r in rows if r["run"] == "baseline" and r["entropy_min_over_training"] < 0.5]
     held = [r for r in rows if r["run"] == "sigma" and r["entropy_min_over_training"] >= 1.0]
+    stuck = [r for r in rows if r["val_acc"] < 0.2]
     path = write_report(
         out, "training_collapse",
         title="Attention-entropy collapse in training (ViT on digits)",
@@ -96,11 +105,14 @@ def run(args: argparse.Namespace) -> int:
         method="the demo setting (6-block ViT, width 64, 4 heads, 17 tokens, digits, batch 128, AdamW, no "
                "warmup, no weight decay, constant lr, 500 steps, seed 0) at each learning rate, baseline "
                "(reparam=sigma_stats: σ tracked, model unchanged) vs σReparam (γ = σ at init, γ at the same lr). "
-               "Entropy: mean over heads and 64 fixed validation images, every 10 steps; σ: the tracked "
-               "spectral norm of each block's fused qkv matrix (largest over blocks).",
+               "Entropy: mean over heads and 64 fixed validation images, every 10 steps; qkv norm: the "
+               "spectral norm of each block's effective fused qkv matrix (largest over blocks).",
         findings=f"baseline runs whose entropy fell below 0.5 nats in some layer: {_lrs(collapsed)}; σReparam "
-                 f"runs whose every layer stayed at or above 1.0 nats: {_lrs(held)}. Per row below: status, "
-                 "validation accuracy, loss spikes, entropy and σ.",
+                 f"runs whose every layer stayed at or above 1.0 nats: {_lrs(held)}. Runs that did not learn "
+                 f"(validation accuracy < 0.2): {_runs(stuck)}. "
+                 "qkv_norm is the spectral norm of the qkv weights the model computes with: σ(W) for the "
+                 "baseline, γ for σReparam (Ŵ = γ/σ·W). Per row below: status, validation accuracy, loss spikes, "
+                 "entropy and that norm.",
         rows=rows, figure="training_collapse.png",
     )
     print(path.read_text())
