@@ -127,7 +127,7 @@ def _last_write(run_dir: Path) -> float:
 
 def read_run(path: Path, root: Path) -> Run:
     """The run whose summary.json is ``path``. A summary without the run's identity (the "running"
-    stub a first launch writes: status, launches, started_at, run_dir) has its cell, overrides and
+    stub written before this app version recorded it there) has its cell, overrides and
     seed read back from the run dir's name, ``<root>/<experiment>/<override_dirname>/seed=<seed>``."""
     summary = json.loads(path.read_text())
     run_dir = path.parent
@@ -135,7 +135,7 @@ def read_run(path: Path, root: Path) -> Run:
         experiment = summary["experiment"]
         overrides = _identity_overrides(summary.get("overrides", []))
         scale = summary.get("choices", {}).get("scale") or "full"
-        seed = summary["config"]["seed"]
+        seed = summary["seed"] if "seed" in summary else summary["config"]["seed"]
     else:
         parts = run_dir.relative_to(root).parts  # ValueError (reported as unreadable) outside root
         if len(parts) < 3 or not parts[-1].startswith("seed="):

@@ -276,3 +276,13 @@ def test_compare_resolves_filters_against_the_runs_dir(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"{png}: 3 metrics of 3 runs" in printed and "val/acc: 2 runs" in printed and "note:" in printed
     assert matplotlib.image.imread(png).shape[0] > 500  # three stacked subplots
+
+
+def test_running_stub_with_identity_is_counted_as_running(tmp_path):
+    run_dir = tmp_path / "vit_supervised/b16/deit/scale=proxy/seed=1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({
+        "status": "running", "launches": 1, "seed": 1, "experiment": "vit_supervised/b16/deit",
+        "choices": {"scale": "proxy"}, "overrides": ["scale=proxy", "seed=1"], "run_dir": str(run_dir)}))
+    runs, unreadable = results.find_runs(tmp_path)
+    assert unreadable == [] and [(r.experiment, r.seed, r.scale) for r in runs] == [("vit_supervised/b16/deit", 1, "proxy")]
