@@ -5,8 +5,9 @@ One run, as data flows (DESIGN.md):
   -> DONE.json there: print the stored result and exit (idempotent re-runs and sweeps)
   -> build DataModule (validates paths) -> model (shapes from the data) -> reparam plugin
   -> Task -> Trainer.fit, resuming from checkpoints/last.ckpt when it exists
-  -> summary.json (finished | diverged | failed, metrics, divergence step, wall time, git sha,
-     resolved config) -> DONE.json for finished and diverged runs.
+  -> summary.json ("running" while it runs, then finished | diverged | failed, with metrics,
+     divergence step, loss spikes, attention entropy, wall time, git sha, machine, resolved config
+     and the run's identity) -> DONE.json for finished and diverged runs.
 A failed run writes summary.json without DONE.json, so the same command retries it; inside a
 multirun it returns instead of raising, so one failure never takes the sweep down.
 """
@@ -31,14 +32,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from sigma_repro import provenance
-
 from sigma_repro.errors import ConfigError
 from sigma_repro.slurm import finish_wandb, trainer_plugins
 
 SUMMARY, DONE = "summary.json", "DONE.json"
+
+
 # -- run metadata ---------------------------------------------------------------------------------
 def run_tags(cfg: DictConfig) -> list[str]:
-    """Filterable W&B tags: optimizer, warmup, reparam, norm, experiment cell."""
+    """Filterable W&B tags: optimizer, warmup, reparam, norm, model, data (the cell is the W&B group)."""
     choices = HydraConfig.get().runtime.choices
     norms = "no-norm" if cfg.reparam.get("remove_norms") else "norm"
     warmup = "warmup" if cfg.schedule.warmup_steps > 0 else "no-warmup"
