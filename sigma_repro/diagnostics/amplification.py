@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sigma_repro.diagnostics.modes import eval_mode
+from sigma_repro.modes import eval_mode
 from sigma_repro.reparam import NORM_TYPES, SigmaReparam
 
 STABILIZER_SCALES = ("omega", "tau", "alpha")

@@ -43,6 +43,8 @@ from timm.layers import Attention as TimmAttention
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from sigma_repro.modes import eval_mode
+
 # Largest (b, H, Tq, Tk) logits block built at once; the probe batch is processed in chunks of
 # examples below it so that long sequences (LM, T = 1024) do not allocate gigabytes.
 _MAX_LOGITS = 1 << 24
@@ -83,16 +85,12 @@ def probe_attention_entropy(
             "submodules (see sigma_repro/diagnostics/entropy.py)."
         )
 
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
-        for m, training in modes.items():
-            m.training = training
 
     called = {name: acc for name, acc in accumulators.items() if acc.sums is not None}
     return (

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from sigma_repro.diagnostics.entropy import _MHA_SIGNATURE
-from sigma_repro.diagnostics.modes import eval_mode
+from sigma_repro.modes import eval_mode
 
 DEFAULT_BLOCKS = ("blocks.*", "layers.*")
 

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from sigma_repro.errors import ConfigError
+from sigma_repro.modes import module_mode
 
 NORMS = ("post", "pre", "none")
 SCHEMES = ("standard", "admin", "deepnorm", "scaled", "rezero")
@@ -151,15 +152,12 @@ def admin_profile(model: nn.Module, *args, **kwargs) -> dict[str, float]:
     for sub in names:
         handles.append(sub.register_forward_pre_hook(set_omega))
         handles.append(sub.dropout.register_forward_hook(lambda m, a, out, sub=sub: next_ratio(sub, out)))
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.train()
-        model(*args, **kwargs)
+        with module_mode(model, training=True):  # dropout on, as in Admin's profiling run
+            model(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
-        for m, training in modes.items():
-            m.training = training
     missed = [name for sub, name in names.items() if name not in profiled]
     if missed:
         raise ConfigError(f"admin_profile: the forward did not call the Admin sublayers {missed[:4]}...; "
