@@ -84,15 +84,14 @@ def build_model(cfg: DictConfig, datamodule):
     model = hydra.utils.instantiate(
         cfg.model, img_size=datamodule.image_size, in_chans=datamodule.channels, num_classes=datamodule.num_classes
     )
-    opts = OmegaConf.to_container(cfg.reparam, resolve=True)
-    name = opts.pop("name")
-    opts.pop("gamma_lr_mult", None), opts.pop("gamma_weight_decay", None)
-    if name == "none":
-        if opts.get("remove_norms"):
+    reparam = OmegaConf.to_container(cfg.reparam, resolve=True)
+    if reparam["name"] == "none":
+        if reparam["remove_norms"]:
             rp.remove_norm_layers(model)
-    else:
-        rp.apply_sigma_reparam(model, **opts)
-    return model
+        return model
+    # every other key is a plugin option (an unknown one fails loudly); γ's optimizer settings go to the task
+    not_plugin = ("name", "gamma_lr_mult", "gamma_weight_decay")
+    return rp.apply_sigma_reparam(model, **{k: v for k, v in reparam.items() if k not in not_plugin})
 
 
 def build_loggers(cfg: DictConfig, out: Path, run_name: str, group: str) -> list:
