@@ -1,7 +1,11 @@
-"""Test-only pieces injected into real runs through Hydra overrides."""
+"""Test-only pieces: a callback injected into real runs through Hydra overrides, and the direct
+computations and stand-in modules several test files check against."""
 
 import os
 import signal
+
+import torch
+from torch import nn
 
 from lightning.pytorch.callbacks import Callback
 
@@ -17,3 +21,40 @@ class KillAtStep(Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def direct_entropy(probs, query_valid=None, normalized=False):
+    """Per-head mean entropy of (B, H, Tq, Tk) probabilities over valid queries (B, Tq)."""
+    probs = probs.double()
+    ent = -torch.xlogy(probs, probs).sum(-1)  # (B, H, Tq)
+    valid = torch.ones(ent.shape[0], ent.shape[2], dtype=torch.bool) if query_valid is None else query_valid
+    valid = valid[:, None, :].expand_as(ent)
+    if normalized:
+        n_keys = (probs > 0).sum(-1)
+        ent = ent / n_keys.clamp_min(2).log()
+        valid = valid & (n_keys >= 2)
+    return (ent * valid).sum((0, 2)) / valid.sum((0, 2))
+
+
+class TappedAttention(nn.Module):
+    """Stand-in for sigma_repro.models.attention: the q_tap/k_tap convention, probabilities kept."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_tap, self.k_tap = nn.Identity(), nn.Identity()
+        self.last_key_padding_mask, self.last_causal = None, False
+
+    def forward(self, x, key_padding_mask=None, causal=False):
+        self.last_key_padding_mask, self.last_causal = key_padding_mask, causal
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = self.q_tap(q), self.k_tap(k)  # (B, H, T, hd)
+        logits = (q * self.scale) @ k.transpose(-2, -1)
+        if key_padding_mask is not None:
+            logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        if causal:
+            logits = logits.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        self.last_probs = logits.softmax(-1)
+        return (self.last_probs @ v).transpose(1, 2).reshape(B, T, C)

@@ -27,7 +27,7 @@ from sigma_repro.models.transformer import (
     build_stack,
 )
 from sigma_repro.reparam import apply_sigma_reparam, iter_sigma_reparam
-from tests.test_diag_entropy import direct_entropy
+from tests.helpers import direct_entropy
 
 TOL = 1e-5
 D, HEADS, FFN = 16, 2, 32

@@ -30,7 +30,7 @@ from sigma_repro.diagnostics.callbacks import (
 )
 from sigma_repro.errors import ConfigError
 from sigma_repro.reparam import apply_sigma_reparam
-from tests.test_diag_entropy import TappedAttention
+from tests.helpers import TappedAttention
 
 
 class TinyVitTask(pl.LightningModule):

@@ -17,20 +17,9 @@ from sigma_repro.diagnostics import attention_entropy, probe_attention_entropy
 from sigma_repro.diagnostics import entropy as entropy_module
 from sigma_repro.reparam import apply_sigma_reparam
 
+from .helpers import TappedAttention, direct_entropy
+
 TOL = 1e-5
-
-
-def direct_entropy(probs, query_valid=None, normalized=False):
-    """Per-head mean entropy of (B, H, Tq, Tk) probabilities over valid queries (B, Tq)."""
-    probs = probs.double()
-    ent = -torch.xlogy(probs, probs).sum(-1)  # (B, H, Tq)
-    valid = torch.ones(ent.shape[0], ent.shape[2], dtype=torch.bool) if query_valid is None else query_valid
-    valid = valid[:, None, :].expand_as(ent)
-    if normalized:
-        n_keys = (probs > 0).sum(-1)
-        ent = ent / n_keys.clamp_min(2).log()
-        valid = valid & (n_keys >= 2)
-    return (ent * valid).sum((0, 2)) / valid.sum((0, 2))
 
 
 def tiny_vit(**kwargs):
@@ -161,30 +150,6 @@ def test_mha_with_sigma_reparam_matches_and_does_not_advance_power_iteration():
     assert layer.training
     ref = mha_probs(layer.self_attn, x, x)
     torch.testing.assert_close(got["self_attn"].double(), direct_entropy(ref), atol=TOL, rtol=0)
-
-
-class TappedAttention(nn.Module):
-    """Stand-in for sigma_repro.models.attention: the q_tap/k_tap convention, probabilities kept."""
-
-    def __init__(self, dim=16, heads=2):
-        super().__init__()
-        self.heads, self.scale = heads, (dim // heads) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_tap, self.k_tap = nn.Identity(), nn.Identity()
-        self.last_key_padding_mask, self.last_causal = None, False
-
-    def forward(self, x, key_padding_mask=None, causal=False):
-        self.last_key_padding_mask, self.last_causal = key_padding_mask, causal
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        q, k = self.q_tap(q), self.k_tap(k)  # (B, H, T, hd)
-        logits = (q * self.scale) @ k.transpose(-2, -1)
-        if key_padding_mask is not None:
-            logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-        if causal:
-            logits = logits.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-        self.last_probs = logits.softmax(-1)
-        return (self.last_probs @ v).transpose(1, 2).reshape(B, T, C)
 
 
 def test_tapped_convention_with_causal_and_padding():
