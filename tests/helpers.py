@@ -5,9 +5,8 @@ import os
 import signal
 
 import torch
-from torch import nn
-
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 
 class KillAtStep(Callback):
