@@ -22,6 +22,7 @@ from sigma_repro import bench
 from sigma_repro.diagnostics import attention_entropy, attention_grad_norms, attention_logit_norms, rank_collapse
 from sigma_repro.diagnostics.callbacks import (
     AttentionDiagnostics,
+    load_diagnostics,
     plot_entropy_comparison,
     plot_entropy_curves,
     plot_entropy_heads,
@@ -83,27 +84,27 @@ def test_logs_saves_and_resumes_the_whole_curve(tmp_path):
 
     # step 0 before training, every 2 steps, and the last step
     assert diag.history["steps"] == [0, 2, 4, 5]
-    rows = [r for r in logged_rows(tmp_path) if r.get("diag/attn_entropy/min")]
+    rows = [r for r in logged_rows(tmp_path) if r.get("diag/attention_entropy/min")]
     assert [int(r["step"]) for r in rows] == [0, 2, 4, 5]  # log_every_n_steps=50 does not thin them
-    for key in ["diag/attn_entropy/L00", "diag/attn_entropy/L01", "diag/attn_entropy/L01/H01",
-                "diag/attn_entropy_norm/L00", "diag/sigma/blocks.0.attn.qkv", "diag/gamma/blocks.1.mlp.fc2",
+    for key in ["diag/attention_entropy/L00", "diag/attention_entropy/L01", "diag/attention_entropy/L01/H01",
+                "diag/attention_entropy_norm/L00", "diag/sigma/blocks.0.attn.qkv", "diag/gamma/blocks.1.mlp.fc2",
                 "diag/sigma/patch_embed.proj"]:
         assert rows[-1][key], key
     last = rows[-1]
-    assert float(last["diag/attn_entropy/min"]) == min(float(last["diag/attn_entropy/L00"]),
-                                                       float(last["diag/attn_entropy/L01"]))
+    assert float(last["diag/attention_entropy/min"]) == min(float(last["diag/attention_entropy/L00"]),
+                                                       float(last["diag/attention_entropy/L01"]))
 
     # the last probe is attention_entropy, rank_collapse and attention_logit_norms of the trained
     # model on the probe batch, all from its one forward
     final = attention_entropy(task.model, task.probe_x[:4])
-    assert float(last["diag/attn_entropy/L01/H00"]) == pytest.approx(float(final["blocks.1.attn"][0]), abs=1e-6)
+    assert float(last["diag/attention_entropy/L01/H00"]) == pytest.approx(float(final["blocks.1.attn"][0]), abs=1e-6)
     blocks = rank_collapse(task.model, task.probe_x[:4])
     for b, name in enumerate(["blocks.0", "blocks.1"]):
         for kind in ("token_cosine", "residual_ratio"):
             assert float(last[f"diag/{kind}/B{b:02d}"]) == pytest.approx(blocks[name][kind], abs=1e-6)
     logit_norms = attention_logit_norms(task.model)
-    assert float(last["diag/logit_norm/L01"]) == pytest.approx(float(logit_norms["blocks.1.attn"].max()), rel=1e-6)
-    assert float(last["diag/logit_norm/L00/H01"]) == pytest.approx(float(logit_norms["blocks.0.attn"][1]), rel=1e-6)
+    assert float(last["diag/attention_logit_norm/L01"]) == pytest.approx(float(logit_norms["blocks.1.attn"].max()), rel=1e-6)
+    assert float(last["diag/attention_logit_norm/L00/H01"]) == pytest.approx(float(logit_norms["blocks.0.attn"][1]), rel=1e-6)
 
     # gradient norms of the training batch at probe steps 0, 2, 4 (step 5 trains no batch)
     grad_rows = [r for r in logged_rows(tmp_path) if r.get("diag/grad_ratio_qv/L00")]
@@ -121,14 +122,15 @@ def test_logs_saves_and_resumes_the_whole_curve(tmp_path):
 
     saved = np.load(tmp_path / "diagnostics.npz")
     assert saved["steps"].tolist() == [0, 2, 4, 5]
-    assert saved["entropy"].shape == (4, 2, 2) and saved["entropy_norm"].shape == (4, 2, 2)
+    assert saved["attention_entropy"].shape == (4, 2, 2) and saved["attention_entropy_norm"].shape == (4, 2, 2)
     assert saved["layers"].tolist() == ["blocks.0.attn", "blocks.1.attn"]
     assert saved["sigma"].shape == (4, len(saved["sigma_names"])) and "blocks.0.attn.qkv" in saved["sigma_names"]
     assert saved["gamma"].shape == (4, len(saved["gamma_names"]))
-    assert np.allclose(saved["entropy"][0], np.log(17), atol=0.5)  # near log T at init
+    assert np.allclose(saved["attention_entropy"][0], np.log(17), atol=0.5)  # near log T at init
     assert saved["blocks"].tolist() == ["blocks.0", "blocks.1"]
     assert saved["token_cosine"].shape == saved["residual_ratio"].shape == (4, 2)
-    assert saved["logit_layers"].tolist() == saved["layers"].tolist() and saved["logit_norm"].shape == (4, 2, 2)
+    assert saved["attention_logit_layers"].tolist() == saved["layers"].tolist()
+    assert saved["attention_logit_norm"].shape == (4, 2, 2)
     assert saved["grad_steps"].tolist() == [0, 2, 4] and saved["grad_norm"].shape == (3, 2, 4)
     assert saved["grad_roles"].tolist() == ["q", "k", "v", "o"]
     assert saved["grad_norm"][0, 1, 0] == pytest.approx(float(grad_rows[0]["diag/grad_norm/q/L01"]), rel=1e-6)
@@ -140,16 +142,17 @@ def test_logs_saves_and_resumes_the_whole_curve(tmp_path):
     resumed = AttentionDiagnostics(every_n_steps=2, probe_size=4)
     fit(tmp_path, 8, resumed, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
     assert resumed.history["steps"] == [0, 2, 4, 6, 8]
-    assert resumed.history["entropy"][:3] == diag.history["entropy"][:3]
+    assert resumed.history["attention_entropy"][:3] == diag.history["attention_entropy"][:3]
     assert resumed.history["grad_steps"] == [0, 2, 4, 6]
     assert resumed.history["token_cosine"][:3] == diag.history["token_cosine"][:3]
-    assert np.load(tmp_path / "diagnostics.npz")["entropy"].shape == (5, 2, 2)
+    assert np.load(tmp_path / "diagnostics.npz")["attention_entropy"].shape == (5, 2, 2)
 
 
 def test_state_dict_round_trip_and_plots_from_files(tmp_path):
     diag = AttentionDiagnostics(every_n_steps=3)
-    diag.history.update(steps=[0, 3], layers=["a", "b"], entropy=[[[2.0, 2.1], [2.2, 2.3]], [[1.0, 1.1], [0.5, 0.6]]],
-                        entropy_norm=[[[0.9, 0.9], [0.9, 0.9]], [[0.5, 0.5], [0.2, 0.3]]])
+    diag.history.update(steps=[0, 3], layers=["a", "b"],
+                        attention_entropy=[[[2.0, 2.1], [2.2, 2.3]], [[1.0, 1.1], [0.5, 0.6]]],
+                        attention_entropy_norm=[[[0.9, 0.9], [0.9, 0.9]], [[0.5, 0.5], [0.2, 0.3]]])
     state = diag.state_dict()
     torch.save({"callbacks": {diag.state_key: state}}, tmp_path / "ckpt.pt")
     loaded = torch.load(tmp_path / "ckpt.pt", weights_only=True)["callbacks"][diag.state_key]
@@ -167,10 +170,26 @@ def test_state_dict_round_trip_and_plots_from_files(tmp_path):
     with pytest.raises(ValueError, match="sigma_stats"):
         plot_sigma_curves(tmp_path / "run" / "diagnostics.npz", tmp_path / "sigma.png")
 
-    old = {key: diag.history[key] for key in ("steps", "layers", "entropy", "entropy_norm", "sigma_names", "sigma",
-                                               "gamma_names", "gamma")}
-    other.load_state_dict(old)  # a checkpoint from before rank collapse, logit and gradient norms
+    # a checkpoint from before rank collapse, logit and gradient norms, and before the renamed keys
+    old = {key: diag.history[key] for key in ("steps", "layers", "sigma_names", "sigma", "gamma_names", "gamma")}
+    old.update(entropy=diag.history["attention_entropy"], entropy_norm=diag.history["attention_entropy_norm"])
+    other.load_state_dict(old)
     assert other.history == diag.history
+
+
+def test_files_with_the_old_key_names_still_load(tmp_path):
+    """diagnostics.npz written before the keys were renamed (entropy, logit_norm, ...) reads as a new one."""
+    entropy = np.array([[[2.0, 2.1]], [[1.0, 1.2]]], dtype=np.float32)  # (S, L, H)
+    np.savez(tmp_path / "diagnostics.npz", steps=np.array([0, 5]), layers=np.array(["blocks.0.attn"]),
+             entropy=entropy, entropy_norm=entropy / 3, logit_layers=np.array(["blocks.0.attn"]),
+             logit_norm=entropy * 2)
+    loaded = load_diagnostics(tmp_path / "diagnostics.npz")
+    assert set(loaded) == {"steps", "layers", "attention_entropy", "attention_entropy_norm", "attention_logit_layers",
+                           "attention_logit_norm"}
+    assert np.array_equal(loaded["attention_entropy"], entropy)
+    assert np.array_equal(loaded["attention_logit_norm"], entropy * 2)
+    plot_entropy_heads(tmp_path / "diagnostics.npz", tmp_path / "heads.png")
+    assert (tmp_path / "heads.png").stat().st_size > 0
 
 
 def test_parts_switch_off_and_unusable_models_fail_before_training(tmp_path):
@@ -178,10 +197,10 @@ def test_parts_switch_off_and_unusable_models_fail_before_training(tmp_path):
                                 logit_norms=False)
     fit(tmp_path, 2, diag)
     keys = set().union(*logged_rows(tmp_path))
-    assert "diag/attn_entropy/L00" in keys
-    assert not any(k.startswith(("diag/token_cosine", "diag/grad_", "diag/logit_norm")) for k in keys)
+    assert "diag/attention_entropy/L00" in keys
+    assert not any(k.startswith(("diag/token_cosine", "diag/grad_", "diag/attention_logit_norm")) for k in keys)
     saved = np.load(tmp_path / "diagnostics.npz")
-    assert not {"token_cosine", "logit_norm", "grad_norm"} & set(saved.files)
+    assert not {"token_cosine", "attention_logit_norm", "grad_norm"} & set(saved.files)
 
     no_blocks = SimpleNamespace(model=nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2)}),
                                 probe_inputs=lambda n: ((), {}))
@@ -192,7 +211,7 @@ def test_parts_switch_off_and_unusable_models_fail_before_training(tmp_path):
                                  probe_inputs=lambda n: ((), {}))  # taps, but one fused qkv matrix
     with pytest.raises(ConfigError, match="set both to false"):
         AttentionDiagnostics().on_fit_start(None, fused_only)
-    AttentionDiagnostics(grad_norms=False, logit_norms=False).on_fit_start(None, fused_only)
+    AttentionDiagnostics(grad_norms=False, logit_norms=False, blocks="layers.*").on_fit_start(None, fused_only)
 
 
 def test_bench_diagnostics_reports_the_ratio_of_its_recorded_times(tmp_path, capsys):

@@ -10,33 +10,7 @@ from torch import nn
 
 from sigma_repro.diagnostics import attention_grad_norms
 from sigma_repro.reparam import apply_sigma_reparam
-
-
-class ProjAttention(nn.Module):
-    """Stand-in for sigma_repro.models.attention.MultiHeadAttention: separate q/k/v/out_proj, taps."""
-
-    def __init__(self, dim=16, num_heads=2, kdim=None, scale=None):
-        super().__init__()
-        kdim = kdim or dim
-        self.num_heads, self.scale = num_heads, scale or (dim // num_heads) ** -0.5
-        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(kdim, dim)
-        self.v_proj, self.out_proj = nn.Linear(kdim, dim), nn.Linear(dim, dim)
-        self.q_tap, self.k_tap = nn.Identity(), nn.Identity()
-        self.last_key_padding_mask = self.last_query_padding_mask = None
-        self.last_causal = False
-
-    def forward(self, x, context=None, key_padding_mask=None):
-        self.last_key_padding_mask = key_padding_mask
-        self.last_query_padding_mask = key_padding_mask if context is None else None
-        context = x if context is None else context
-        (B, Tq, _), Tk, H = x.shape, context.shape[1], self.num_heads
-        q = self.q_tap(self.q_proj(x).view(B, Tq, H, -1).transpose(1, 2))  # (B, H, Tq, hd)
-        k = self.k_tap(self.k_proj(context).view(B, Tk, H, -1).transpose(1, 2))
-        v = self.v_proj(context).view(B, Tk, H, -1).transpose(1, 2)
-        logits = (q * self.scale) @ k.transpose(-2, -1)
-        if key_padding_mask is not None:
-            logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-        return self.out_proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(B, Tq, -1))
+from tests.helpers import ProjAttention
 
 
 def reference_attention(x, context, w, heads, scale):

@@ -18,7 +18,7 @@ from sigma_repro.diagnostics import (
     token_cosine,
 )
 from sigma_repro.reparam import apply_sigma_reparam
-from tests.test_diag_gradients import ProjAttention
+from tests.helpers import ProjAttention
 
 
 @pytest.mark.parametrize("s, T, expected", [

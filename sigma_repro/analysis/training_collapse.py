@@ -18,6 +18,7 @@ import numpy as np
 
 from sigma_repro.analysis.report import write_report
 from sigma_repro.demo import launch, run_row
+from sigma_repro.diagnostics.callbacks import load_diagnostics
 from sigma_repro.results import metric_curve
 
 RUNS = {"baseline": ("demo/plain", ["reparam=sigma_stats"]), "sigma": ("demo/sigma", [])}
@@ -28,15 +29,15 @@ def qkv_norm_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
     That is σ(W) for the baseline (tracked by sigma_stats) and γ for σReparam, whose Ŵ = γ/σ·W
     has spectral norm γ."""
-    diag = np.load(run_dir / "diagnostics.npz")
+    diag = load_diagnostics(run_dir / "diagnostics.npz")
     kind = "gamma" if "gamma_names" in diag else "sigma"
     columns = [i for i, name in enumerate(diag[f"{kind}_names"]) if "qkv" in str(name)]
     return diag["steps"], diag[kind][:, columns].max(axis=1)
 
 
 def min_entropy_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    diag = np.load(run_dir / "diagnostics.npz")
-    return diag["steps"], np.nanmean(diag["entropy"], axis=2).min(axis=1)  # mean over heads, min over layers
+    diag = load_diagnostics(run_dir / "diagnostics.npz")
+    return diag["steps"], np.nanmean(diag["attention_entropy"], axis=2).min(axis=1)  # mean over heads, min over layers
 
 
 def plot(run_dirs: dict[tuple[float, str], Path], out_png: Path) -> None:

@@ -15,13 +15,14 @@ Contract with the LightningModule: ``pl_module.model`` is the nn.Module to probe
 
 Outputs, logged every ``every_n_steps`` optimizer steps (and at step 0 and at the end of training)
 to all of ``trainer.loggers`` at ``step=trainer.global_step``, bypassing ``log_every_n_steps``.
-Attention layers ``L{i:02d}`` are numbered by the model's attention modules in module order,
-blocks ``B{i:02d}`` by the modules the ``blocks`` patterns pick (rank.py):
-- ``diag/attn_entropy/L{i:02d}`` (mean over heads), ``.../L{i:02d}/H{h:02d}`` (if ``per_head``),
-  ``diag/attn_entropy_norm/L{i:02d}`` (entropy / log T_valid), ``diag/attn_entropy/min``;
+Attention layers ``L{i:02d}`` are numbered by the model's attention modules (attention_kinds.py)
+in module order, blocks ``B{i:02d}`` by the blocks the model declares or the ``blocks`` patterns
+pick (rank.py):
+- ``diag/attention_entropy/L{i:02d}`` (mean over heads), ``.../L{i:02d}/H{h:02d}`` (if ``per_head``),
+  ``diag/attention_entropy_norm/L{i:02d}`` (entropy / log T_valid), ``diag/attention_entropy/min``;
 - ``diag/token_cosine/B{i:02d}``, ``diag/residual_ratio/B{i:02d}`` (if ``rank_collapse``);
-- ``diag/logit_norm/L{i:02d}``: the entropy bound's σ = ||W_K,h W_Q,hᵀ||₂·scale, max over heads,
-  per head under ``/H{h:02d}`` (if ``logit_norms``; spectral.py);
+- ``diag/attention_logit_norm/L{i:02d}``: the entropy bound's σ = ||W_K,h W_Q,hᵀ||₂·scale, max over
+  heads, per head under ``/H{h:02d}`` (if ``logit_norms``; spectral.py);
 - ``diag/grad_norm/{q,k,v,o}/L{i:02d}`` and ``diag/grad_ratio_qv/L{i:02d}`` = ||∂L/∂W_Q|| /
   ||∂L/∂W_V|| of the training batch at the probe steps except the last (if ``grad_norms``);
 - for models with σReparam, ``diag/sigma/<matrix>`` and ``diag/gamma/<matrix>`` (e.g.
@@ -36,7 +37,8 @@ zero) it goes to ``<save_dir or trainer.default_root_dir>/diagnostics.npz`` with
 (layers × heads at the last probe) and ``sigma.png`` (σReparam's σ over steps, when tracked).
 
 ``plot_entropy_curves``, ``plot_entropy_comparison``, ``plot_entropy_heads`` and
-``plot_sigma_curves`` redraw plots from saved files.
+``plot_sigma_curves`` redraw plots from saved files; ``load_diagnostics`` reads diagnostics.npz,
+also one written before the history keys were renamed (``RENAMED_KEYS``).
 """
 
 from __future__ import annotations
@@ -56,16 +58,20 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import nn
 
-from sigma_repro.diagnostics.entropy import _hook_installer, probe_attention_entropy
+from sigma_repro.diagnostics.attention_kinds import attention_modules, attention_projections
+from sigma_repro.diagnostics.entropy import probe_attention_entropy
 from sigma_repro.diagnostics.gradients import ROLES, attention_grad_norms
 from sigma_repro.diagnostics.rank import capture_rank_collapse, transformer_blocks
-from sigma_repro.diagnostics.spectral import attention_layout, attention_logit_norms, reparam_gammas, reparam_sigmas
+from sigma_repro.diagnostics.spectral import attention_logit_norms, reparam_gammas, reparam_sigmas
 from sigma_repro.errors import ConfigError
 
 NPZ_NAME = "diagnostics.npz"
 PLOT_PATH = "plots/attention_entropy.png"
 HEADS_PLOT_PATH = "plots/entropy_heads.png"
 SIGMA_PLOT_PATH = "plots/sigma.png"
+# History keys of files and checkpoints written before one concept got one name everywhere.
+RENAMED_KEYS = {"entropy": "attention_entropy", "entropy_norm": "attention_entropy_norm",
+                "logit_layers": "attention_logit_layers", "logit_norm": "attention_logit_norm"}
 
 
 def _empty_history() -> dict[str, list]:
@@ -73,8 +79,8 @@ def _empty_history() -> dict[str, list]:
     return {
         "steps": [],           # [S] optimizer steps probed
         "layers": [],          # [L] attention modules the probe forward called, in module order
-        "entropy": [],         # [S][L][H] per-head mean entropy
-        "entropy_norm": [],    # [S][L][H] per-head mean entropy / log T_valid
+        "attention_entropy": [],       # [S][L][H] per-head mean entropy
+        "attention_entropy_norm": [],  # [S][L][H] per-head mean entropy / log T_valid
         "sigma_names": [],     # [M] σReparam matrices (short names)
         "sigma": [],           # [S][M] tracked σ
         "gamma_names": [],     # [M'] matrices σReparam rescales
@@ -82,8 +88,8 @@ def _empty_history() -> dict[str, list]:
         "blocks": [],          # [B] transformer blocks (rank collapse)
         "token_cosine": [],    # [S][B]
         "residual_ratio": [],  # [S][B]
-        "logit_layers": [],    # [L'] attention modules with readable W_Q, W_K
-        "logit_norm": [],      # [S][L'][H] ||W_K,h W_Q,hᵀ||₂·scale
+        "attention_logit_layers": [],  # [L'] attention modules with readable W_Q, W_K
+        "attention_logit_norm": [],    # [S][L'][H] ||W_K,h W_Q,hᵀ||₂·scale
         "grad_steps": [],      # [G] optimizer steps whose training gradients were read
         "grad_layers": [],     # [L''] attention modules with gradients
         "grad_norm": [],       # [G][L''][4] ||∂L/∂W|| for W_Q, W_K, W_V, W_O (NaN: no such gradient)
@@ -99,8 +105,8 @@ class AttentionDiagnostics(pl.Callback):
     rank_collapse: token cosine and residual ratio of every block output, from the probe forward.
     grad_norms: W_Q, W_K, W_V, W_O gradient norms of the training step at probe steps.
     logit_norms: per-head ||W_K,h W_Q,hᵀ||₂·scale from the effective weights.
-    blocks: fnmatch pattern(s) naming the transformer blocks (rank.py); None = timm's ``blocks.*``
-        and our stacks' ``layers.*``.
+    blocks: fnmatch pattern(s) naming the transformer blocks (rank.py); None = the blocks the
+        model declares.
     """
 
     def __init__(self, every_n_steps: int = 10, probe_size: int = 64, per_head: bool = True,
@@ -132,7 +138,8 @@ class AttentionDiagnostics(pl.Callback):
         return copy.deepcopy(self.history)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = {**_empty_history(), **copy.deepcopy(state_dict)}  # older checkpoints lack newer keys
+        # older checkpoints lack newer keys, or have them under their old names
+        self.history = {**_empty_history(), **_renamed(copy.deepcopy(state_dict))}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not callable(getattr(pl_module, "probe_inputs", None)) or not hasattr(pl_module, "model"):
@@ -141,16 +148,13 @@ class AttentionDiagnostics(pl.Callback):
                 "to probe) and `probe_inputs(n) -> (args, kwargs)`; add them or drop the callback."
             )
         model = _eager(pl_module)
-        read_weights = self.grad_norms or self.logit_norms
-        layers = [name for name, m in model.named_modules()
-                  if _hook_installer(m) is not None or (read_weights and attention_layout(m) is not None)]
-        self._layer_index = {name: i for i, name in enumerate(layers)}
-        if read_weights and not any(attention_layout(m) is not None for m in model.modules()):
-            raise ConfigError(
-                f"AttentionDiagnostics(grad_norms={self.grad_norms}, logit_norms={self.logit_norms}) finds no "
-                f"attention module in {type(model).__name__} whose W_Q, W_K it can read (timm Attention, "
-                "nn.MultiheadAttention, or q_proj/k_proj nn.Linear with num_heads); set both to false."
-            )
+        self._layer_index = {name: i for i, (name, _, _) in enumerate(attention_modules(model))}
+        if self.grad_norms or self.logit_norms:
+            try:
+                attention_projections(model)
+            except ValueError as err:
+                raise ConfigError(f"AttentionDiagnostics(grad_norms={self.grad_norms}, logit_norms="
+                                  f"{self.logit_norms}): {err} Or set both to false.") from err
         if self.rank_collapse:
             try:
                 blocks = transformer_blocks(model, self.blocks)
@@ -225,53 +229,54 @@ class AttentionDiagnostics(pl.Callback):
         with capture as blocks, precision.forward_context():
             entropy, entropy_norm = probe_attention_entropy(model, args, kwargs)
         probe = {
-            "entropy": entropy,
-            "entropy_norm": entropy_norm,
+            "attention_entropy": entropy,
+            "attention_entropy_norm": entropy_norm,
             "sigma": {_short_name(k): v for k, v in reparam_sigmas(model).items()},
             "gamma": {_short_name(k): v for k, v in reparam_gammas(model).items()},
             "blocks": blocks,
-            "logit_norm": attention_logit_norms(model) if self.logit_norms else {},
+            "attention_logit_norm": attention_logit_norms(model) if self.logit_norms else {},
         }
         self._record(step, probe)
         return self._metrics(probe)
 
     def _record(self, step: int, probe: dict[str, dict]) -> None:
         h, first = self.history, not self.history["steps"]
-        for names_key, found in (("layers", probe["entropy"]), ("sigma_names", probe["sigma"]),
+        for names_key, found in (("layers", probe["attention_entropy"]), ("sigma_names", probe["sigma"]),
                                  ("gamma_names", probe["gamma"]), ("blocks", probe["blocks"]),
-                                 ("logit_layers", probe["logit_norm"])):
+                                 ("attention_logit_layers", probe["attention_logit_norm"])):
             _check_same_names(h, names_key, list(found), not first)
             h[names_key] = list(found)
         h["steps"].append(step)
-        h["entropy"].append([v.tolist() for v in probe["entropy"].values()])
-        h["entropy_norm"].append([v.tolist() for v in probe["entropy_norm"].values()])
+        h["attention_entropy"].append([v.tolist() for v in probe["attention_entropy"].values()])
+        h["attention_entropy_norm"].append([v.tolist() for v in probe["attention_entropy_norm"].values()])
         h["sigma"].append(list(probe["sigma"].values()))
         h["gamma"].append(list(probe["gamma"].values()))
         if self.rank_collapse:
             h["token_cosine"].append([m["token_cosine"] for m in probe["blocks"].values()])
             h["residual_ratio"].append([m["residual_ratio"] for m in probe["blocks"].values()])
         if self.logit_norms:
-            h["logit_norm"].append([v.tolist() for v in probe["logit_norm"].values()])
+            h["attention_logit_norm"].append([v.tolist() for v in probe["attention_logit_norm"].values()])
 
     def _metrics(self, probe: dict[str, dict]) -> dict[str, float]:
         metrics: dict[str, float] = {}
         layer_means = []
-        for name, heads in probe["entropy"].items():
+        for name, heads in probe["attention_entropy"].items():
             i = self._layer_index[name]
             layer_means.append(float(heads.nanmean()))
-            metrics[f"diag/attn_entropy/L{i:02d}"] = layer_means[-1]
+            metrics[f"diag/attention_entropy/L{i:02d}"] = layer_means[-1]
             if self.per_head:
-                metrics.update({f"diag/attn_entropy/L{i:02d}/H{j:02d}": float(v) for j, v in enumerate(heads)})
-            metrics[f"diag/attn_entropy_norm/L{i:02d}"] = float(probe["entropy_norm"][name].nanmean())
-        metrics["diag/attn_entropy/min"] = min(layer_means)
+                metrics.update({f"diag/attention_entropy/L{i:02d}/H{j:02d}": float(v) for j, v in enumerate(heads)})
+            metrics[f"diag/attention_entropy_norm/L{i:02d}"] = float(probe["attention_entropy_norm"][name].nanmean())
+        metrics["diag/attention_entropy/min"] = min(layer_means)
         for name, values in probe["blocks"].items():
             b = self._block_index[name]
             metrics.update({f"diag/{key}/B{b:02d}": value for key, value in values.items()})
-        for name, heads in probe["logit_norm"].items():
+        for name, heads in probe["attention_logit_norm"].items():
             i = self._layer_index[name]
-            metrics[f"diag/logit_norm/L{i:02d}"] = float(heads.max())
+            metrics[f"diag/attention_logit_norm/L{i:02d}"] = float(heads.max())
             if self.per_head:
-                metrics.update({f"diag/logit_norm/L{i:02d}/H{j:02d}": float(v) for j, v in enumerate(heads)})
+                metrics.update({f"diag/attention_logit_norm/L{i:02d}/H{j:02d}": float(v)
+                                for j, v in enumerate(heads)})
         metrics.update({f"diag/sigma/{name}": v for name, v in probe["sigma"].items()})
         metrics.update({f"diag/gamma/{name}": v for name, v in probe["gamma"].items()})
         return metrics
@@ -310,16 +315,16 @@ def save_history(history: dict[str, list], path: str | Path) -> None:
 
 
 def history_arrays(history: dict[str, list]) -> dict[str, np.ndarray]:
-    """The arrays of diagnostics.npz: steps (S,), layers (L,), entropy and entropy_norm (S, L, H)
-    (NaN-padded where layers have fewer heads); where recorded, with their names: sigma and gamma
-    (S, M); token_cosine and residual_ratio (S, B) over blocks; logit_norm (S, L', H) over
-    logit_layers; and grad_norm (G, L'', 4) at grad_steps over grad_layers, last axis grad_roles
-    (q, k, v, o)."""
+    """The arrays of diagnostics.npz: steps (S,), layers (L,), attention_entropy and
+    attention_entropy_norm (S, L, H) (NaN-padded where layers have fewer heads); where recorded,
+    with their names: sigma and gamma (S, M); token_cosine and residual_ratio (S, B) over blocks;
+    attention_logit_norm (S, L', H) over attention_logit_layers; and grad_norm (G, L'', 4) at
+    grad_steps over grad_layers, last axis grad_roles (q, k, v, o)."""
     arrays = {
         "steps": np.asarray(history["steps"], dtype=np.int64),
         "layers": np.asarray(history["layers"], dtype=str),
-        "entropy": _padded(history["entropy"]),
-        "entropy_norm": _padded(history["entropy_norm"]),
+        "attention_entropy": _padded(history["attention_entropy"]),
+        "attention_entropy_norm": _padded(history["attention_entropy_norm"]),
     }
     for kind in ("sigma", "gamma"):
         if history[f"{kind}_names"]:
@@ -329,9 +334,9 @@ def history_arrays(history: dict[str, list]) -> dict[str, np.ndarray]:
         arrays["blocks"] = np.asarray(history["blocks"], dtype=str)
         for kind in ("token_cosine", "residual_ratio"):
             arrays[kind] = np.asarray(history[kind], dtype=np.float32)  # (S, B)
-    if history["logit_norm"]:
-        arrays["logit_layers"] = np.asarray(history["logit_layers"], dtype=str)
-        arrays["logit_norm"] = _padded(history["logit_norm"])
+    if history["attention_logit_norm"]:
+        arrays["attention_logit_layers"] = np.asarray(history["attention_logit_layers"], dtype=str)
+        arrays["attention_logit_norm"] = _padded(history["attention_logit_norm"])
     if history["grad_norm"]:
         arrays["grad_steps"] = np.asarray(history["grad_steps"], dtype=np.int64)
         arrays["grad_layers"] = np.asarray(history["grad_layers"], dtype=str)
@@ -350,18 +355,29 @@ def _padded(values: list[list[list[float]]]) -> np.ndarray:
     return out
 
 
+def load_diagnostics(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of a saved diagnostics.npz (``history_arrays``), old key names renamed."""
+    with np.load(path) as saved:
+        return _renamed(dict(saved))
+
+
+def _renamed(history: dict) -> dict:
+    """``history`` with the keys of ``RENAMED_KEYS`` under their current names."""
+    return {RENAMED_KEYS.get(key, key): value for key, value in history.items()}
+
+
 def _arrays(history_or_npz: dict | str | Path) -> dict[str, np.ndarray]:
     """diagnostics.npz's arrays, from a history dict (the callback's state) or the saved file."""
     if isinstance(history_or_npz, dict):
         return history_arrays(history_or_npz)
-    with np.load(history_or_npz) as saved:
-        return dict(saved)
+    return load_diagnostics(history_or_npz)
 
 
 def _draw_entropy(ax, history_or_npz: dict | str | Path, title: str | None) -> None:
     """One line per layer, coloured by depth (dark = first layer)."""
     arrays = _arrays(history_or_npz)
-    steps, layers, entropy = arrays["steps"], arrays["layers"].tolist(), np.nanmean(arrays["entropy"], axis=-1)
+    steps, layers = arrays["steps"], arrays["layers"].tolist()
+    entropy = np.nanmean(arrays["attention_entropy"], axis=-1)  # (S, L)
     for i, name in enumerate(layers):
         colour = colormaps["viridis"](i / max(len(layers) - 1, 1))
         ax.plot(steps, entropy[:, i], color=colour, label=f"L{i:02d} {name}")
@@ -402,7 +418,7 @@ def plot_entropy_heads(history_or_npz_path: dict | str | Path, out_png: str | Pa
     """Heatmap of the entropy of every head (columns) of every layer (rows) at the last probe:
     which heads collapsed, where the per-layer curves only show means."""
     arrays = _arrays(history_or_npz_path)
-    entropy, layers = arrays["entropy"][-1], arrays["layers"].tolist()  # (L, H)
+    entropy, layers = arrays["attention_entropy"][-1], arrays["layers"].tolist()  # (L, H)
     fig = Figure(figsize=(1.5 + 0.45 * entropy.shape[1], 1.2 + 0.3 * len(layers)), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(entropy, cmap="viridis", vmin=0, aspect="auto")

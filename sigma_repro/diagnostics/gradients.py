@@ -7,8 +7,8 @@ roughly like 1 - ρ for token correlation ρ, so a small ratio early in training
 path is not learning; it is exactly 0 at full collapse.
 
 Reads the ``.grad`` that a backward left on the model; computes nothing else and changes nothing.
-The projections are found as spectral.py's ``attention_layout`` describes (timm's fused ``qkv``
-rows, ``nn.MultiheadAttention``'s ``in_proj_weight`` rows, separate ``q/k/v/out_proj``). Under
+The projections are where each module's attention kind says (attention_kinds.py: timm's fused
+``qkv`` rows, ``nn.MultiheadAttention``'s ``in_proj_weight`` rows, separate ``q/k/v/out_proj``). Under
 σReparam the parameter the optimizer updates is the raw W, ``parametrizations.weight.original``,
 and its gradient is the one reported (∂L/∂W, through Ŵ = γ/σ(W)·W).
 """
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from sigma_repro.diagnostics.spectral import Projection, attention_layout
+from sigma_repro.diagnostics.attention_kinds import Projection, attention_projections
 
 ROLES = ("q", "k", "v", "o")
 
@@ -33,12 +33,8 @@ def attention_grad_norms(model: nn.Module) -> dict[str, dict[str, float]]:
     ``ratio_qv`` unless both q and v are there (it is inf or NaN when ||∂W_V|| = 0). Modules
     without any gradient are left out.
     """
-    found, norms = False, {}
-    for name, module in model.named_modules():
-        layout = attention_layout(module)
-        if layout is None:
-            continue
-        found = True
+    norms = {}
+    for name, layout in attention_projections(model):
         projections = (layout.q, layout.k, layout.v, layout.o)
         grads = {role: _grad(p) for role, p in zip(ROLES, projections) if p is not None}
         grads = {role: g for role, g in grads.items() if g is not None}
@@ -49,11 +45,6 @@ def attention_grad_norms(model: nn.Module) -> dict[str, dict[str, float]]:
             keys.append("ratio_qv")
             values = torch.cat([values, values[keys.index("q"), None] / values[keys.index("v"), None]])
         norms[name] = dict(zip(keys, values.tolist()))  # one device->host copy per module
-    if not found:
-        raise ValueError(
-            f"attention_grad_norms found no supported attention module in {type(model).__name__}: expected "
-            "timm Attention, nn.MultiheadAttention, or a module with q_proj/k_proj nn.Linear and num_heads."
-        )
     if not norms:
         raise ValueError("attention_grad_norms found no gradients on the attention projections: call it after "
                          "loss.backward() and before optimizer.zero_grad().")

@@ -14,31 +14,40 @@ True at valid tokens (padding is ignored, each sequence uses its own length).
 
 ``rank_collapse`` applies both to the output of every transformer block of a model in one no-grad
 forward; ``capture_rank_collapse`` is the same as a context manager, so the training callback
-takes them from the forward it already runs for the attention entropy. Which modules are blocks:
-the outermost modules whose qualified names match fnmatch patterns, by default the children of
-a top-level ``blocks`` (timm ViT) or ``layers`` (our stacks, nn.TransformerEncoder) list.
-Padding comes from the first attention call inside each block call (its self-attention): the
-key padding mask of ``nn.MultiheadAttention`` (whose ``batch_first=False`` also says the block
-output is (T, B, d)), or ``last_query_padding_mask`` / ``last_key_padding_mask`` of modules with
-the q_tap/k_tap convention (entropy.py). timm attention has no padding.
+takes them from the forward it already runs for the attention entropy.
+
+Which modules are blocks: the model says. A module declares its blocks with a method
+``transformer_blocks(self) -> list[tuple[str, nn.Module]]`` (names relative to it; our stacks do),
+or its class is registered here with ``register_blocks(cls, "layers", ...)``, naming ModuleLists
+whose items are the blocks (timm's VisionTransformer, torchaudio's Conformer, nn.TransformerEncoder
+and nn.TransformerDecoder are). The outermost declaring modules answer, their names prefixed, so a
+seq2seq model holding an encoder and a decoder stack gets ``encoder.layers.*`` and
+``decoder.layers.*`` without declaring anything itself. Explicit fnmatch patterns on module names
+(``blocks=``) override the declarations.
+
+Token layout and padding come from the first attention call inside each block call (its
+self-attention), as that call's attention kind reads them (attention_kinds.py: the key padding of
+``nn.MultiheadAttention``, whose ``batch_first=False`` also says the block output is (T, B, d), or
+the recorded masks of the q_tap/k_tap convention). timm attention has no padding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from fnmatch import fnmatch
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from sigma_repro.diagnostics.entropy import _MHA_SIGNATURE
+from sigma_repro.diagnostics.attention_kinds import AttentionKind, TokenLayout, attention_modules
 from sigma_repro.modes import eval_mode
 
-DEFAULT_BLOCKS = ("blocks.*", "layers.*")
+# Classes we do not own -> the attributes holding their blocks, keyed by "module.QualName" so that
+# registering a class needs no import of its library (torchaudio takes a second to import).
+BLOCK_LISTS: dict[str, tuple[str, ...]] = {}
 
 
 def token_cosine(x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -89,17 +98,28 @@ def rank_collapse(model: nn.Module, *inputs, blocks: str | Sequence[str] | None 
     Runs one no-grad, eval-mode forward ``model(*inputs, **kwargs)`` (modes restored afterwards)
     and returns, keyed by block name in module order, ``{"token_cosine": c, "residual_ratio": r}``
     (averaged over the calls if a block runs more than once). ``blocks``: fnmatch pattern(s) on
-    qualified module names (default ``DEFAULT_BLOCKS``); the outermost matching modules are the
-    blocks, so "encoder.layers.*" picks the encoder layers and not their submodules.
+    qualified module names; the outermost matching modules are the blocks, so "encoder.layers.*"
+    picks the encoder layers and not their submodules. None: the blocks the model declares.
     """
     with capture_rank_collapse(model, blocks) as result, eval_mode(model), torch.no_grad():
         model(*inputs, **kwargs)
     return result
 
 
+def register_blocks(model_type: type | str, *module_lists: str) -> None:
+    """Declare the blocks of a class we cannot give a ``transformer_blocks`` method: the items of
+    its ModuleLists ``module_lists``, in that order. ``model_type``: the class or its
+    "module.QualName" (subclasses are covered too)."""
+    key = model_type if isinstance(model_type, str) else f"{model_type.__module__}.{model_type.__qualname__}"
+    BLOCK_LISTS[key] = module_lists
+
+
 def transformer_blocks(model: nn.Module, blocks: str | Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the outermost modules whose names match a pattern, in module order."""
-    patterns = DEFAULT_BLOCKS if blocks is None else (blocks,) if isinstance(blocks, str) else tuple(blocks)
+    """(name, module) of the blocks of ``model``: those it declares, or with ``blocks`` the
+    outermost modules whose qualified names match one of the fnmatch patterns, in module order."""
+    if blocks is None:
+        return _declared_blocks(model)
+    patterns = (blocks,) if isinstance(blocks, str) else tuple(blocks)
     matched = {name: m for name, m in model.named_modules() if any(fnmatch(name, p) for p in patterns)}
     found = [(name, m) for name, m in matched.items()
              if not any(".".join(name.split(".")[:i]) in matched for i in range(1, name.count(".") + 1))]
@@ -110,6 +130,39 @@ def transformer_blocks(model: nn.Module, blocks: str | Sequence[str] | None = No
             f"patterns on module names such as {examples} (e.g. blocks=['encoder.layers.*'])."
         )
     return found
+
+
+def _declared_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The blocks declared by the outermost declaring modules, names prefixed with theirs."""
+    found: list[tuple[str, nn.Module]] = []
+    declared: list[str] = []  # names of the modules that answered; their submodules are not asked
+    for name, module in model.named_modules():
+        if any(outer == "" or name.startswith(f"{outer}.") for outer in declared):
+            continue
+        declare = _declaration(module)
+        if declare is not None:
+            declared.append(name)
+            found += [(f"{name}.{block_name}" if name else block_name, block) for block_name, block in declare()]
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__} declares no transformer blocks for rank collapse: give the model (or its "
+            "stacks) a method `transformer_blocks(self) -> list[tuple[str, nn.Module]]`, register a class you do not "
+            "own with sigma_repro.diagnostics.register_blocks(cls, 'layers'), or pass fnmatch patterns on module "
+            "names (blocks=['encoder.layers.*'])."
+        )
+    return found
+
+
+def _declaration(module: nn.Module) -> Callable[[], list[tuple[str, nn.Module]]] | None:
+    """How ``module`` lists its blocks: its own ``transformer_blocks`` method, or its registered lists."""
+    method = getattr(module, "transformer_blocks", None)
+    if callable(method):
+        return method
+    for cls in type(module).__mro__:
+        lists = BLOCK_LISTS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if lists is not None:
+            return lambda: [(f"{attr}.{i}", block) for attr in lists for i, block in enumerate(getattr(module, attr))]
+    return None
 
 
 @contextmanager
@@ -124,9 +177,10 @@ def capture_rank_collapse(model: nn.Module, blocks: str | Sequence[str] | None =
     handles: list[RemovableHandle] = []
     result: dict[str, dict[str, float]] = {}
     try:
+        kinds = {module: kind for _, module, kind in attention_modules(model)}
         for name, block in transformer_blocks(model, blocks):
             per_block[name] = []
-            handles += _hook_block(name, block, per_block[name])
+            handles += _hook_block(name, block, per_block[name], kinds)
         yield result
     finally:
         for handle in handles:
@@ -137,9 +191,10 @@ def capture_rank_collapse(model: nn.Module, blocks: str | Sequence[str] | None =
             result[name] = {"token_cosine": cosine, "residual_ratio": residual}
 
 
-def _hook_block(name: str, block: nn.Module, values: list[Tensor]) -> list[RemovableHandle]:
+def _hook_block(name: str, block: nn.Module, values: list[Tensor],
+                attention_kinds: dict[nn.Module, AttentionKind]) -> list[RemovableHandle]:
     """Hooks that append [token_cosine, residual_ratio] of each call's output to ``values``."""
-    call: dict = {}  # this call's self-attention: "seq_first" and, with padding, "valid" (B, T)
+    call: list[TokenLayout] = []  # the token layout of this call's first attention call
 
     def measure(mod: nn.Module, args, output) -> None:
         x = output[0] if isinstance(output, (tuple, list)) else output
@@ -149,42 +204,27 @@ def _hook_block(name: str, block: nn.Module, values: list[Tensor]) -> list[Remov
                 f"{tuple(x.shape) if isinstance(x, Tensor) else ''}; rank-collapse metrics need token "
                 "representations (B, T, d). Choose other modules with the blocks patterns."
             )
-        if call.get("seq_first"):
+        seq_first, valid = call[0] if call else (False, None)
+        if seq_first:
             x = x.transpose(0, 1)  # (T, B, d) -> (B, T, d)
-        valid = call.get("valid")
         if valid is not None and valid.shape != x.shape[:2]:
             valid = None  # the mask is not over this output's tokens (e.g. cross-attention memory)
         values.append(torch.stack([token_cosine(x, valid), residual_ratio(x, valid)]))
 
+    def record(layout: TokenLayout) -> None:
+        if not call:  # an earlier attention call of this block call already said
+            call.append(layout)
+
     handles = [block.register_forward_pre_hook(lambda mod, args: call.clear()),
                block.register_forward_hook(measure)]
     for module in block.modules():
-        if isinstance(module, nn.MultiheadAttention):
-            handles.append(module.register_forward_pre_hook(partial(_mha_queries, call), with_kwargs=True))
-        elif hasattr(module, "q_tap") and hasattr(module, "k_tap"):
-            handles.append(module.register_forward_hook(partial(_tapped_queries, call)))
+        kind = attention_kinds.get(module)
+        if kind is not None and kind.hook_tokens is not None:
+            handles += kind.hook_tokens(module, record)
     return handles
 
 
-def _mha_queries(call: dict, module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> None:
-    if call:  # an earlier attention call of this block call already said
-        return
-    bound = _MHA_SIGNATURE.bind(module, *args, **kwargs)
-    query, key, pad = bound.arguments["query"], bound.arguments["key"], bound.arguments.get("key_padding_mask")
-    call["seq_first"] = query.dim() == 3 and not module.batch_first
-    if query is key and pad is not None and query.dim() == 3:  # self-attention: padded keys are padded tokens
-        call["valid"] = _valid_tokens_from_padding(pad)
-
-
-def _tapped_queries(call: dict, module: nn.Module, args, output) -> None:
-    if call:
-        return
-    call["seq_first"] = False
-    pad = getattr(module, "last_query_padding_mask", getattr(module, "last_key_padding_mask", None))
-    if pad is not None:
-        call["valid"] = _valid_tokens_from_padding(pad)
-
-
-def _valid_tokens_from_padding(pad: Tensor) -> Tensor:
-    """(B, T) bool True at real tokens from a padding mask: bool True = pad, or float -inf = pad."""
-    return ~pad if pad.dtype == torch.bool else ~torch.isneginf(pad)
+register_blocks("timm.models.vision_transformer.VisionTransformer", "blocks")
+register_blocks("torchaudio.models.conformer.Conformer", "conformer_layers")
+register_blocks(nn.TransformerEncoder, "layers")
+register_blocks(nn.TransformerDecoder, "layers")

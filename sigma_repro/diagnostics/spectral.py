@@ -20,14 +20,12 @@ the model or advances the power iteration.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
-from timm.layers import Attention as TimmAttention
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
+from sigma_repro.diagnostics.attention_kinds import Projection, attention_projections
 from sigma_repro.reparam import SigmaReparam, iter_sigma_reparam
 
 
@@ -87,73 +85,12 @@ def _has_sigma_reparam(module: nn.Module, tensor_name: str) -> bool:
     )
 
 
-class Projection(NamedTuple):
-    """Where one attention projection matrix lives: rows ``rows`` of ``owner.<tensor_name>``
-    (an (out, in) matrix; heads are consecutive blocks of head_dim rows)."""
-
-    owner: nn.Module
-    tensor_name: str
-    rows: slice
-
-
-class AttentionLayout(NamedTuple):
-    """W_Q, W_K, W_V, W_O of one attention module (W_V, W_O None where it has none), its number
-    of heads and the scale its logits are multiplied by."""
-
-    q: Projection
-    k: Projection
-    v: Projection | None
-    o: Projection | None
-    num_heads: int
-    scale: float
-
-
-def attention_layout(module: nn.Module) -> AttentionLayout | None:
-    """Where the projections of an attention module are; None if ``module`` is not one we read.
-
-    Shared by the logit norms here and the gradient norms (gradients.py), so both agree on which
-    rows are W_Q, W_K, W_V. Supported: timm ``Attention`` (fused ``qkv``: rows [q; k; v], and
-    ``proj``), ``nn.MultiheadAttention`` (``in_proj_weight`` rows [q; k; v], or
-    ``q/k/v_proj_weight``, and ``out_proj``) and any module with ``q_proj`` and ``k_proj``
-    ``nn.Linear`` children and an int ``num_heads`` (optional ``v_proj``, ``out_proj`` and
-    ``scale``, default head_dim^-1/2), such as sigma_repro.models.attention.MultiHeadAttention.
-    """
-    full = slice(None)
-    if isinstance(module, TimmAttention):
-        d = module.num_heads * module.head_dim
-        return AttentionLayout(
-            Projection(module.qkv, "weight", slice(0, d)), Projection(module.qkv, "weight", slice(d, 2 * d)),
-            Projection(module.qkv, "weight", slice(2 * d, 3 * d)), Projection(module.proj, "weight", full),
-            module.num_heads, module.scale,
-        )
-    if isinstance(module, nn.MultiheadAttention):
-        d = module.embed_dim
-        if module._qkv_same_embed_dim:  # one packed in_proj_weight (reading it would run σReparam)
-            q, k, v = (Projection(module, "in_proj_weight", slice(i * d, (i + 1) * d)) for i in range(3))
-        else:
-            q, k, v = (Projection(module, f"{role}_proj_weight", full) for role in "qkv")
-        return AttentionLayout(q, k, v, Projection(module.out_proj, "weight", full), module.num_heads,
-                               (d // module.num_heads) ** -0.5)
-    q_proj, k_proj = getattr(module, "q_proj", None), getattr(module, "k_proj", None)
-    if not (isinstance(q_proj, nn.Linear) and isinstance(k_proj, nn.Linear)):
-        return None
-    num_heads = getattr(module, "num_heads", None)
-    if not isinstance(num_heads, int) or q_proj.out_features % num_heads:
-        raise ValueError(
-            f"{type(module).__name__} has q_proj/k_proj but no int `num_heads` dividing its "
-            f"{q_proj.out_features} query rows (found num_heads={num_heads!r}); set `self.num_heads` "
-            "so the diagnostics can split the projections per head."
-        )
-    optional = {role: Projection(getattr(module, f"{role}_proj"), "weight", full)
-                for role in ("v", "out") if isinstance(getattr(module, f"{role}_proj", None), nn.Linear)}
-    scale = float(getattr(module, "scale", (q_proj.out_features // num_heads) ** -0.5))
-    return AttentionLayout(Projection(q_proj, "weight", full), Projection(k_proj, "weight", full),
-                           optional.get("v"), optional.get("out"), num_heads, scale)
-
-
 def attention_logit_norms(model: nn.Module) -> dict[str, torch.Tensor]:
     """σ_h = ||W_K,h W_Q,hᵀ||₂ · scale for every attention module and head: the σ of the entropy
     bound (bound.py), whose logits X W_K W_Qᵀ Xᵀ have the 1/sqrt(d) folded into W.
+
+    The projections are where the module's attention kind says (attention_kinds.py); modules whose
+    kind cannot say are left out.
 
     Returns, keyed by module name in module order, a float32 CPU tensor (H,). Uses the weights
     the forward uses: σReparam's Ŵ = γ/σ·W where the plugin is on (read from the module, so the
@@ -163,18 +100,10 @@ def attention_logit_norms(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     norms = {}
     with torch.no_grad(), parametrize.cached():  # a fused qkv's Ŵ is computed once for q and k
-        for name, module in model.named_modules():
-            layout = attention_layout(module)
-            if layout is None:
-                continue
+        for name, layout in attention_projections(model):
             w_q, w_k = (effective_weight(p).double() for p in (layout.q, layout.k))  # (H·head_dim, d_in)
             w_q, w_k = (w.reshape(layout.num_heads, -1, w.shape[-1]) for w in (w_q, w_k))  # (H, head_dim, d_in)
             norms[name] = (_product_norms(w_q, w_k) * layout.scale).float().cpu()
-    if not norms:
-        raise ValueError(
-            f"attention_logit_norms found no supported attention module in {type(model).__name__}: expected "
-            "timm Attention, nn.MultiheadAttention, or a module with q_proj/k_proj nn.Linear and num_heads."
-        )
     return norms
 
 

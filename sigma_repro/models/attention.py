@@ -4,7 +4,7 @@ Why our own and not ``nn.MultiheadAttention``: σReparam must see each projectio
 ``nn.Linear`` (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``; MHA packs q, k, v into one
 ``in_proj_weight`` and bypasses a converted ``out_proj``), cross-attention needs keys from another
 sequence, and the attention-entropy probe needs the queries and keys the fused kernel used.
-Those come through two identity taps, the convention of ``sigma_repro.diagnostics.entropy``:
+Those come through two identity taps, the convention of ``sigma_repro.diagnostics.attention_kinds``:
 
 - ``q_tap(q)``, ``k_tap(k)``: ``nn.Identity`` modules called on q (B, H, Tq, hd) and k (B, H, Tk, hd)
   right before ``F.scaled_dot_product_attention``; the logits are ``scale · q kᵀ``.

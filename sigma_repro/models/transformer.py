@@ -139,6 +139,11 @@ class TransformerStack(nn.Module):
             x = layer(x, *args, **kwargs)
         return self.final_norm(x)
 
+    def transformer_blocks(self) -> list[tuple[str, nn.Module]]:
+        """(name, layer) of every layer, e.g. ("layers.0", ...): the blocks the rank-collapse probe
+        measures (sigma_repro.diagnostics.rank)."""
+        return [(f"layers.{i}", layer) for i, layer in enumerate(self.layers)]
+
     def residual_sublayers(self) -> Iterator[tuple[str, ResidualSublayer]]:
         """(name, sublayer) for every residual sublayer in call order, e.g. ("layers.0.self_attn", ...)."""
         for name, module in self.named_modules():
