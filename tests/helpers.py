@@ -35,6 +35,16 @@ def direct_entropy(probs, query_valid=None, normalized=False):
     return (ent * valid).sum((0, 2)) / valid.sum((0, 2))
 
 
+def per_head_logit_norms(w_q, w_k, heads, scale):
+    """||W_K,h W_Q,hᵀ||₂·scale by explicit per-head products: logits_h = x W_Q,hᵀ W_K,h yᵀ."""
+    w_q, w_k = w_q.detach().double(), w_k.detach().double()
+    hd = w_q.shape[0] // heads
+    return torch.stack([
+        torch.linalg.matrix_norm(w_q[h * hd:(h + 1) * hd].T @ w_k[h * hd:(h + 1) * hd], 2) * scale
+        for h in range(heads)
+    ]).float()
+
+
 class TappedAttention(nn.Module):
     """Stand-in for sigma_repro.models.attention: the q_tap/k_tap convention, probabilities kept."""
 

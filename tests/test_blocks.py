@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sigma_repro.diagnostics import attention_entropy
+from sigma_repro.diagnostics import attention_entropy, rank_collapse, residual_ratio, token_cosine
 from sigma_repro.errors import ConfigError
 from sigma_repro.models.attention import MultiHeadAttention
 from sigma_repro.models.residual import (
@@ -432,6 +432,26 @@ def test_attention_entropy_finds_self_and_cross_attention_in_order_with_their_ma
         query_pad = src_pad if name.startswith("encoder") else tgt_pad
         torch.testing.assert_close(got[name].double(), direct_entropy(probs, ~query_pad), atol=TOL, rtol=0)
     assert got["decoder.layers.0.self_attn.sublayer"].shape == (HEADS,)
+
+
+def test_rank_collapse_finds_the_layers_both_stacks_declare_with_their_padding():
+    """A model holding an encoder and a decoder declares nothing itself: each stack's
+    ``transformer_blocks`` answers, prefixed with its name."""
+    torch.manual_seed(12)
+    model = Seq2Seq(depth=2, norm="pre")
+    src, tgt = torch.randn(3, 6, D), torch.randn(3, 5, D)
+    src_pad, tgt_pad = padding(3, 6, [6, 2, 4]), padding(3, 5, [5, 3, 1])
+    got = rank_collapse(model, src, tgt, src_pad, tgt_pad)
+    assert list(got) == ["encoder.layers.0", "encoder.layers.1", "decoder.layers.0", "decoder.layers.1"]
+    outputs = {}
+    for name in got:
+        model.get_submodule(name).register_forward_hook(lambda m, a, out, name=name: outputs.__setitem__(name, out))
+    with torch.no_grad():
+        model(src, tgt, src_pad, tgt_pad)
+    for name, out in outputs.items():
+        valid = ~(src_pad if name.startswith("encoder") else tgt_pad)
+        assert got[name]["token_cosine"] == pytest.approx(float(token_cosine(out, valid)), abs=1e-6)
+        assert got[name]["residual_ratio"] == pytest.approx(float(residual_ratio(out, valid)), abs=1e-6)
 
 
 def test_stacks_compile_to_one_graph_with_masks():

@@ -18,7 +18,7 @@ from sigma_repro.diagnostics import (
     token_cosine,
 )
 from sigma_repro.reparam import apply_sigma_reparam
-from tests.helpers import ProjAttention
+from tests.helpers import ProjAttention, per_head_logit_norms
 
 
 @pytest.mark.parametrize("s, T, expected", [
@@ -146,16 +146,6 @@ def test_spectral_norms_report_sigma_reparam_per_split_and_exact_elsewhere():
     stats = nn.Sequential(nn.Linear(4, 4))
     apply_sigma_reparam(stats, stats_only=True)
     assert list(reparam_sigmas(stats)) == ["0.weight"] and reparam_gammas(stats) == {}
-
-
-def per_head_logit_norms(w_q, w_k, heads, scale):
-    """||W_K,h W_Q,hᵀ||₂·scale by explicit per-head products: logits_h = x W_Q,hᵀ W_K,h yᵀ."""
-    w_q, w_k = w_q.detach().double(), w_k.detach().double()
-    hd = w_q.shape[0] // heads
-    return torch.stack([
-        torch.linalg.matrix_norm(w_q[h * hd:(h + 1) * hd].T @ w_k[h * hd:(h + 1) * hd], 2) * scale
-        for h in range(heads)
-    ]).float()
 
 
 def test_logit_norms_match_explicit_per_head_products():
