@@ -5,33 +5,50 @@ every weight matrix by its spectral norm σ(W) and learning one scalar γ per ma
 which keeps training stable without warmup, weight decay or LayerNorm.
 
 What this module touches: it adds a `SigmaReparam` parametrization
-(`torch.nn.utils.parametrize`) to each eligible weight of a model built elsewhere, and one forward
-pre-hook on the root module it was given. The existing weights are kept (unlike the official
-converter, which re-initialises them), so apply it after custom init or checkpoint loading and
-before the optimizer, torch.compile and DDP.
+(`torch.nn.utils.parametrize`) to each eligible weight of a model built elsewhere, and nothing
+else (no hooks). The existing weights are kept (unlike the official converter, which
+re-initialises them), so apply it after custom init or checkpoint loading and before the
+optimizer, torch.compile and DDP.
 
 Eligible weights: `nn.Linear` (also MultiheadAttention's `out_proj`), `nn.Conv1d/2d/3d`
 (grouped and depthwise included; a kernel (out, in/groups, k...) is read as an
 (out, in/groups·k...) matrix) and `nn.MultiheadAttention`'s `in_proj_weight` or its separate
 `q/k/v_proj_weight`. Never touched: embeddings, biases, norms, positional embeddings and class
 tokens (none is a weight of those layers), weights that already carry a parametrization
-(e.g. a weight-normed DINO head), and a Linear whose weight Parameter is shared with another
-module (a tied LM head) unless an `include` pattern names it: the embedding would keep reading
-the raw W while the head reads Ŵ.
+(e.g. a weight-normed DINO head), and a weight Parameter shared by several modules (a tied LM
+head, two Linears sharing one W) unless an `include` pattern names them: a module reading the raw
+W (an embedding) would not see Ŵ.
 
-Power iteration: σ is estimated by one power-iteration step per training forward of the root,
-in fp32 with autocast off. u, v start from an exact SVD, so σ is exact at apply time and tracks
-the slowly moving W afterwards. The step runs in the root's forward pre-hook, not inside the
-parametrization, because `nn.MultiheadAttention` reads `in_proj_weight` three times per forward:
-the parametrization stays a pure function (σ = vᵀWu with grad, from the current u, v), so
-torch.compile sees one graph and every read gives the same Ŵ. A training step that calls the
-root once per optimizer step gets exactly one power step; extra training-mode calls (several SSL
-views, gradient accumulation) only refine σ of the same W. Eval-mode calls change nothing, and so
-do calls that bypass the root (e.g. `model.forward_features`). The step depends only on W, so
-DDP ranks that start equal (same seed, or buffers synced at DDP construction) stay identical
-without syncing buffers every forward. `torch.compile(model)` runs module hooks outside the
-compiled forward, so the step becomes a second small graph; compiling the training-step function
-that calls the model gives one graph.
+Fused q/k/v projections: with qkv="qk_v" or "separate" a matrix holding the [q; k; v] rows gets
+one σ and γ per row block. Which matrices are fused is declared, not guessed:
+`nn.MultiheadAttention.in_proj_weight`, every nn.Linear whose name matches a pattern of the
+`fused_qkv` option (default FUSED_QKV_DEFAULT: names ending in "qkv", timm's), and every
+nn.Linear a module declares with a class or instance attribute
+`sigma_reparam_fused_qkv = ("c_attn",)`: fnmatch patterns of module names relative to the
+declaring module (the root included), so a model's author says it once for every user. Asking for
+a split that splits nothing is a ConfigError.
+
+Power iteration: u, v start from an exact SVD, so σ is exact at apply time. Afterwards σ follows
+W with `power_iters` power-iteration steps (default 1) per update of W, in fp32 (fp64 for a
+float64 W) with autocast off. The step runs lazily, at the first training-mode read of Ŵ after W
+changed in place, detected by W's version counter (`Tensor._version`, bumped by every in-place
+write: optimizer steps, `load_state_dict`, DDP's broadcast at construction). So σ moves once per
+optimizer step whichever entry point the forward used (`model(x)`, `model.forward_features(x)`, a
+probe), however often W is read (nn.MultiheadAttention reads `in_proj_weight` three times per
+forward), and however many forwards share one update (gradient accumulation, SSL views). The first
+training read after `apply_sigma_reparam` does not step (u, v are exact for that W); eval-mode
+reads never step. The step is a custom op (`sigma_repro::power_step_if_stale`), opaque to
+torch.compile: the compiled graph keeps one node for it, with no graph break, and the version is
+read at run time. The step depends only on W and u, v, so DDP ranks that start equal (same seed,
+or parameters synced at DDP construction) stay identical without syncing buffers every forward.
+Resuming from a checkpoint saved between an optimizer step and the next forward repeats the
+uninterrupted run exactly: loading W bumps its version just as the optimizer step did.
+One step per update lets σ lag when the top two singular values of a matrix are close
+(`sigma_tracking_error` measures it; raise `power_iters` to follow such matrices).
+
+Dtypes: u, v, σ and γ are created in at least fp32 and σ is always computed in at least fp32,
+whatever `model.to(dtype)` later does to them (it casts floating buffers and γ with the weights);
+Ŵ has W's dtype.
 
 Checkpoints: keys become `<module>.parametrizations.weight.original` plus
 `<module>.parametrizations.weight.0.{gamma,u,v,sigma}`; such a state dict loads exactly into a
@@ -43,7 +60,7 @@ use `load_plain_state_dict`. `remove_sigma_reparam` bakes Ŵ into plain weights 
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from fnmatch import fnmatch
 from typing import NamedTuple
@@ -56,6 +73,8 @@ from torch.nn.utils import parametrize
 from sigma_repro.errors import ConfigError
 
 QKV_MODES = ("fused", "qk_v", "separate")
+FUSED_QKV_DEFAULT = ("*qkv",)  # timm's fused projections: blocks.0.attn.qkv
+FUSED_QKV_ATTRIBUTE = "sigma_reparam_fused_qkv"
 # torch's normalisation layers; their subclasses (timm's LayerNorm, LayerNorm2d) match too.
 # timm's own RmsNorm is not a torch subclass and is kept.
 NORM_TYPES = (
@@ -65,42 +84,88 @@ NORM_TYPES = (
 _EPS = 1e-12
 
 
-def _matrix(weight: torch.Tensor) -> torch.Tensor:
-    return weight.reshape(weight.shape[0], -1)  # (out, in/groups·k...) for conv kernels
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(weight.dtype, torch.float32)  # bf16/fp16 -> fp32, fp64 stays
+
+
+def _blocks(weight: torch.Tensor, split_sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    """W as (out, in/groups·k...) matrix in the compute dtype, cut into row blocks (rows_i, cols)."""
+    return weight.reshape(weight.shape[0], -1).to(_compute_dtype(weight)).split(split_sizes)
+
+
+def _sigmas(blocks: Sequence[torch.Tensor], us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([v @ (b @ u) for b, u, v in zip(blocks, us, vs)])  # vᵀWu per block
+
+
+def _power_iterations(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
+                      split_sizes: list[int], iters: int) -> None:
+    """`iters` power iterations per block, v <- Wu/|Wu|, u <- Wᵀv/|Wᵀv|, written into u, v, sigma."""
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        blocks = _blocks(weight, split_sizes)
+        us = list(u.to(blocks[0].dtype))
+        for _ in range(iters):
+            vs = [F.normalize(b @ u_i, dim=0, eps=_EPS) for b, u_i in zip(blocks, us)]
+            us = [F.normalize(b.T @ v_i, dim=0, eps=_EPS) for b, v_i in zip(blocks, vs)]
+        u.copy_(torch.stack(us))
+        v.copy_(torch.cat(vs))
+        sigma.copy_(_sigmas(blocks, us, vs))
+
+
+@torch.library.custom_op("sigma_repro::power_step_if_stale", mutates_args=("u", "v", "sigma", "stepped_version"))
+def _power_step_if_stale(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
+                         stepped_version: torch.Tensor, split_sizes: list[int], iters: int) -> None:
+    """The lazy power step: iterate when W's version counter moved since the last step.
+
+    A custom op so that torch.compile keeps it as one opaque node and the version is read when the
+    graph runs (traced, `_version` would be frozen at compile time or break the graph).
+    """
+    if weight._version != stepped_version.item():
+        _power_iterations(weight, u, v, sigma, split_sizes, iters)
+        stepped_version.fill_(weight._version)
+
+
+@_power_step_if_stale.register_fake
+def _(weight, u, v, sigma, stepped_version, split_sizes, iters) -> None:
+    return None
 
 
 class SigmaReparam(nn.Module):
     """Parametrization W -> Ŵ = γ/σ(W)·W, with one (γ, σ) per block of rows.
 
     `split_sizes` cuts a fused qkv matrix into row blocks ([3d] fused, [2d, d] q and k sharing,
-    [d, d, d] separate); each block is scaled by its own γ_i/σ_i. State (all fp32):
+    [d, d, d] separate); each block is scaled by its own γ_i/σ_i. State (at least fp32):
     u (n_splits, cols) right and v (rows,) left singular vectors (v concatenated over blocks),
     sigma (n_splits,) the tracked σ for logging, gamma (n_splits,) the learned scale.
+    `power_iters` power iterations follow each in-place update of W (see the module docstring).
     With `stats_only` the forward returns W unchanged and γ is frozen: σ is only tracked.
     """
 
     def __init__(self, weight: torch.Tensor, *, split_sizes: Sequence[int] | None = None,
-                 gamma_init: str | float = "sigma", stats_only: bool = False):
+                 gamma_init: str | float = "sigma", stats_only: bool = False, power_iters: int = 1):
         super().__init__()
         rows, cols = weight.shape[0], weight[0].numel()
         self.split_sizes = list(split_sizes) if split_sizes else [rows]
         self.gamma_init = gamma_init
         self.stats_only = stats_only
-        n, kw = len(self.split_sizes), dict(device=weight.device, dtype=torch.float32)
+        self.power_iters = power_iters
+        n, kw = len(self.split_sizes), dict(device=weight.device, dtype=_compute_dtype(weight))
         self.register_buffer("u", torch.empty(n, cols, **kw))
         self.register_buffer("v", torch.empty(rows, **kw))
         self.register_buffer("sigma", torch.empty(n, **kw))
         self.gamma = nn.Parameter(torch.empty(n, **kw), requires_grad=not stats_only)
+        # W's version counter when u, v were last fitted to it. A CPU tensor and no buffer: the
+        # step reads it without a device sync, and a checkpoint has no use for it.
+        self.stepped_version = torch.tensor(-1)
         self.reset(weight)
 
     def extra_repr(self) -> str:
-        return f"split_sizes={self.split_sizes}, gamma_init={self.gamma_init!r}, stats_only={self.stats_only}"
+        return (f"split_sizes={self.split_sizes}, gamma_init={self.gamma_init!r}, stats_only={self.stats_only}, "
+                f"power_iters={self.power_iters}")
 
     @torch.no_grad()
     def reset(self, weight: torch.Tensor) -> None:
         """Exact σ, u, v from an SVD of each row block of W; γ per `gamma_init`."""
-        blocks = _matrix(weight).float().split(self.split_sizes)  # each (rows_i, cols)
-        svds = [torch.linalg.svd(block, full_matrices=False) for block in blocks]
+        svds = [torch.linalg.svd(block, full_matrices=False) for block in _blocks(weight, self.split_sizes)]
         self.u.copy_(torch.stack([Vh[0] for _, _, Vh in svds]))
         self.v.copy_(torch.cat([U[:, 0] for U, _, _ in svds]))
         self.sigma.copy_(torch.stack([S[0] for _, S, _ in svds]))
@@ -108,29 +173,33 @@ class SigmaReparam(nn.Module):
             self.gamma.copy_(self.sigma)
         else:
             self.gamma.fill_(float(self.gamma_init))
+        self.mark_fitted(weight)
 
-    def _sigma(self, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        blocks = _matrix(weight).float().split(self.split_sizes)
-        return torch.stack([v_i @ (b @ u_i) for b, u_i, v_i in zip(blocks, u, v.split(self.split_sizes))])
+    def mark_fitted(self, weight: torch.Tensor) -> None:
+        """Record that u, v fit W as it is now: the next training read does not step."""
+        self.stepped_version.fill_(weight._version)
 
-    @torch.no_grad()
     def power_step(self, weight: torch.Tensor) -> None:
-        """One power-iteration step on W (fp32, autocast off): v <- Wu/|Wu|, u <- Wᵀv/|Wᵀv|."""
-        with torch.autocast(weight.device.type, enabled=False):
-            blocks = _matrix(weight).float().split(self.split_sizes)
-            vs = [F.normalize(b @ u, dim=0, eps=_EPS) for b, u in zip(blocks, self.u)]
-            us = [F.normalize(b.T @ v, dim=0, eps=_EPS) for b, v in zip(blocks, vs)]
-            self.u.copy_(torch.stack(us))
-            self.v.copy_(torch.cat(vs))
-            self.sigma.copy_(self._sigma(weight, self.u, self.v))
+        """`power_iters` power iterations on W, whether or not W changed since the last step."""
+        _power_iterations(weight.detach(), self.u, self.v, self.sigma, self.split_sizes, self.power_iters)
+        self.mark_fitted(weight)
+
+    def step_if_stale(self, weight: torch.Tensor) -> None:
+        """`power_iters` power iterations if W changed in place since the last step, else nothing."""
+        _power_step_if_stale(weight.detach(), self.u, self.v, self.sigma, self.stepped_version,
+                             self.split_sizes, self.power_iters)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.step_if_stale(weight)
         if self.stats_only:
             return weight
-        # Clones: the next power step updates u, v in place, possibly before this graph's backward.
+        # Clones: an explicit power_step() between this forward and its backward updates u, v in place.
         u, v = self.u.clone(), self.v.clone()
         with torch.autocast(weight.device.type, enabled=False):
-            scale = self.gamma.float() / self._sigma(weight, u, v)  # σ with grad: dŴ/dW flows through σ
+            blocks = _blocks(weight, self.split_sizes)
+            sigmas = _sigmas(blocks, u.to(blocks[0].dtype), v.to(blocks[0].dtype).split(self.split_sizes))
+            scale = self.gamma.to(sigmas.dtype) / sigmas  # σ with grad: dŴ/dW flows through σ
         row_scale = torch.cat([s.expand(n) for s, n in zip(scale, self.split_sizes)])  # (rows,)
         return weight * row_scale.to(weight.dtype).view(-1, *[1] * (weight.dim() - 1))
 
@@ -140,7 +209,11 @@ class _Target(NamedTuple):
     module: nn.Module
     tensor_name: str
     split_sizes: list[int] | None
-    tied: bool
+    owners: tuple[str, ...]  # names of every module holding this weight Parameter; several: tied
+
+    @property
+    def tied(self) -> bool:
+        return len(self.owners) > 1
 
 
 def _qkv_splits(rows: int, qkv: str, where: str) -> list[int] | None:
@@ -153,14 +226,44 @@ def _qkv_splits(rows: int, qkv: str, where: str) -> list[int] | None:
     return [2 * d, d] if qkv == "qk_v" else [d, d, d]
 
 
-def _eligible(model: nn.Module, qkv: str) -> list[_Target]:
-    """Every weight σReparam may take, in module order, marked tied when shared with another module."""
-    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+def _fused_qkv_patterns(model: nn.Module, fused_qkv: Sequence[str] | None) -> dict[str, str | None]:
+    """{pattern: where it came from} naming the fused [q; k; v] nn.Linear modules of `model`:
+    the `fused_qkv` option (default FUSED_QKV_DEFAULT) and every module's declaration."""
+    if isinstance(fused_qkv, str):
+        raise ConfigError(f"fused_qkv must be a list of fnmatch patterns such as ['*.c_attn'], "
+                          f"found the string {fused_qkv!r}; wrap it in a list")
+    if fused_qkv is None:
+        patterns = dict.fromkeys(FUSED_QKV_DEFAULT)  # no source: a model without qkv need not match it
+    else:
+        patterns = dict.fromkeys(fused_qkv, "the fused_qkv option")
+    for name, module in model.named_modules():
+        declared = getattr(module, FUSED_QKV_ATTRIBUTE, ())
+        where = f"{FUSED_QKV_ATTRIBUTE} of {name or 'the root'} ({type(module).__name__})"
+        if isinstance(declared, str):
+            raise ConfigError(f"{where} must be a tuple of fnmatch patterns such as ('c_attn',), found the string "
+                              f"{declared!r}; add the trailing comma")
+        patterns.update({f"{name}.{p}" if name else p: where for p in declared})
+    return patterns
+
+
+def _eligible(model: nn.Module, qkv: str, fused_qkv: Sequence[str] | None) -> list[_Target]:
+    """Every weight σReparam may take, in module order, with the modules sharing its Parameter."""
+    owners = defaultdict(list)
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            owners[id(param)].append(name)
+    patterns = _fused_qkv_patterns(model, fused_qkv)
+    linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if qkv != "fused":
+        for pattern, where in patterns.items():
+            if where and not any(fnmatch(name, pattern) for name in linear_names):
+                raise ConfigError(f"{where}: pattern {pattern!r} matches no nn.Linear; fnmatch patterns on module "
+                                  f"names such as {linear_names[:6]}; correct or drop it")
     targets = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            rows = module.out_features
-            tensors = [("weight", _qkv_splits(rows, qkv, name) if name.endswith("qkv") else None)]
+            fused = any(fnmatch(name, pattern) for pattern in patterns)
+            tensors = [("weight", _qkv_splits(module.out_features, qkv, name) if fused else None)]
         elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             tensors = [("weight", None)]
         elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
@@ -174,7 +277,7 @@ def _eligible(model: nn.Module, qkv: str) -> list[_Target]:
                 continue
             param = getattr(module, tensor_name)
             if isinstance(param, nn.Parameter):
-                targets.append(_Target(name, module, tensor_name, splits, uses[id(param)] > 1))
+                targets.append(_Target(name, module, tensor_name, splits, tuple(owners[id(param)])))
     return targets
 
 
@@ -185,11 +288,23 @@ def _select(targets: list[_Target], include: Sequence[str] | None, exclude: Sequ
             raise ConfigError(f"include/exclude pattern {pattern!r} matches no eligible module; "
                               f"patterns are fnmatch on module names such as {names[:6]}")
 
-    def wanted(t: _Target) -> bool:
-        included = not t.tied if include is None else any(fnmatch(t.module_name, p) for p in include)
-        return included and not any(fnmatch(t.module_name, p) for p in exclude or [])
+    def excluded(t: _Target) -> bool:
+        return any(fnmatch(t.module_name, p) for p in exclude or [])
 
-    return [t for t in targets if wanted(t)]
+    def included(t: _Target) -> bool:
+        return not t.tied if include is None else any(fnmatch(t.module_name, p) for p in include)
+
+    selected = [t for t in targets if included(t) and not excluded(t)]
+    tied = [t for t in targets if t.tied and not excluded(t)]
+    if not selected and include is None and tied:
+        shared = "; ".join(f"one Parameter shared by {list(owners)}" for owners in dict.fromkeys(t.owners for t in tied))
+        raise ConfigError(f"every eligible weight left by exclude={exclude} is tied ({shared}); σReparam skips tied "
+                          f"weights unless named, since a module reading the raw W would not see Ŵ; to reparameterise "
+                          f"them, name them in include, e.g. include={[t.module_name for t in tied]}")
+    if not selected:
+        raise ConfigError(f"include={include} / exclude={exclude} leave no weight for σReparam out of "
+                          f"{len(targets)} eligible ones; loosen the patterns")
+    return selected
 
 
 def remove_norm_layers(model: nn.Module) -> nn.Module:
@@ -201,6 +316,10 @@ def remove_norm_layers(model: nn.Module) -> nn.Module:
     return model
 
 
+def _weight_name(module_name: str, tensor_name: str) -> str:
+    return f"{module_name}.{tensor_name}" if module_name else tensor_name
+
+
 def _parametrized(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, SigmaReparam]]:
     for module_name, module in model.named_modules():
         if parametrize.is_parametrized(module):
@@ -210,24 +329,26 @@ def _parametrized(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Sigma
                         yield module_name, module, tensor_name, reparam
 
 
-def _power_step_pre_hook(module: nn.Module, args) -> None:
-    if module.training:
-        power_step(module)
-
-
 def apply_sigma_reparam(model: nn.Module, *, gamma_init: str | float = "sigma", qkv: str = "fused",
                         stats_only: bool = False, remove_norms: bool = False,
-                        include: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> nn.Module:
+                        include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+                        power_iters: int = 1, fused_qkv: Sequence[str] | None = None) -> nn.Module:
     """Reparameterise the eligible weights of `model` in place and return it.
 
     gamma_init: "sigma" (γ = σ(W), the model function is unchanged; PyTorch vision code) or a
         positive number (1.0: unit spectral norm at init, as in the JAX speech code).
-    qkv: how a fused qkv matrix (a Linear whose name ends with "qkv", MHA's in_proj_weight) gets
-        σ and γ: "fused" one for all, "qk_v" one for q and k rows and one for v, "separate" three.
+    qkv: how a fused q/k/v matrix (MHA's in_proj_weight, a Linear named by `fused_qkv` or declared
+        by `sigma_reparam_fused_qkv`) gets σ and γ: "fused" one for all, "qk_v" one for q and k
+        rows and one for v, "separate" three. A split that finds no fused matrix is a ConfigError.
     stats_only: track σ (power steps, `sigma` buffers) without changing the model: baseline logs.
     remove_norms: replace every normalisation layer (subclasses of NORM_TYPES) with nn.Identity,
         the paper's no-LN ViT. include/exclude do not apply to it.
-    include, exclude: fnmatch patterns on module names (e.g. exclude=["head"]); None includes all.
+    include, exclude: fnmatch patterns on module names (e.g. exclude=["head"]); None includes all
+        but tied weights.
+    power_iters: power iterations per update of W (>= 1); more follow matrices whose top two
+        singular values are close (see `sigma_tracking_error`) at 2 matrix-vector products each.
+    fused_qkv: fnmatch patterns of the nn.Linear modules holding fused [q; k; v] rows; None: names
+        ending in "qkv" (FUSED_QKV_DEFAULT). Modules' own declarations are added either way.
     """
     if not (gamma_init == "sigma" or (isinstance(gamma_init, (int, float)) and not isinstance(gamma_init, bool)
                                       and math.isfinite(gamma_init) and gamma_init > 0)):
@@ -235,41 +356,51 @@ def apply_sigma_reparam(model: nn.Module, *, gamma_init: str | float = "sigma", 
                           f"(unit spectral norm), got {gamma_init!r}")
     if qkv not in QKV_MODES:
         raise ConfigError(f"qkv must be one of {list(QKV_MODES)}, got {qkv!r}")
+    if not (isinstance(power_iters, int) and not isinstance(power_iters, bool) and power_iters >= 1):
+        raise ConfigError(f"power_iters must be an integer >= 1 (power iterations per update of W), "
+                          f"got {power_iters!r}; use 1 (the paper's) or more for close top singular values")
     if next(_parametrized(model), None) is not None:
         raise ConfigError("model already has σReparam; call remove_sigma_reparam(model) before applying it again")
     if remove_norms:
         remove_norm_layers(model)
-    targets = _eligible(model, qkv)
+    targets = _eligible(model, qkv, fused_qkv)
     if not targets:
         raise ConfigError(f"{type(model).__name__} has no nn.Linear, nn.Conv1d/2d/3d or nn.MultiheadAttention "
                           f"weight for σReparam; pass a model that has some")
     selected = _select(targets, include, exclude)
-    if not selected:
-        raise ConfigError(f"include={include} / exclude={exclude} leave no weight for σReparam out of "
-                          f"{len(targets)} eligible ones; loosen the patterns")
+    if qkv != "fused" and not any(t.split_sizes for t in selected):
+        raise ConfigError(
+            f"qkv={qkv!r} splits fused q/k/v matrices, but none is among the {len(selected)} weights converted: no "
+            f"nn.MultiheadAttention with in_proj_weight, no nn.Linear matching {list(_fused_qkv_patterns(model, fused_qkv))}; "
+            f"declare the fused projection (fused_qkv=['*.c_attn'], or sigma_reparam_fused_qkv = ('c_attn',) on the "
+            f"attention module) or use qkv='fused'")
     for t in selected:
         reparam = SigmaReparam(getattr(t.module, t.tensor_name), split_sizes=t.split_sizes,
-                               gamma_init=gamma_init, stats_only=stats_only)
-        parametrize.register_parametrization(t.module, t.tensor_name, reparam)
-    model.register_forward_pre_hook(_power_step_pre_hook)
+                               gamma_init=gamma_init, stats_only=stats_only, power_iters=power_iters)
+        # unsafe: no trial read of Ŵ (in training mode it would take a power step); Ŵ keeps W's
+        # shape and dtype by construction.
+        parametrize.register_parametrization(t.module, t.tensor_name, reparam, unsafe=True)
+        # Registration re-sets the Parameter's storage (a version bump); u, v still fit W exactly.
+        reparam.mark_fitted(t.module.parametrizations[t.tensor_name].original)
     return model
 
 
 def remove_sigma_reparam(model: nn.Module) -> nn.Module:
-    """Bake Ŵ = γ/σ·W into plain weights (same Parameter objects), drop u, v, σ, γ and the hook."""
+    """Bake Ŵ = γ/σ·W into plain weights (same Parameter objects) and drop u, v, σ, γ."""
     for _, module, tensor_name, _ in list(_parametrized(model)):
         parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
-    for module in model.modules():
-        hooks = module._forward_pre_hooks
-        for key in [k for k, hook in hooks.items() if hook is _power_step_pre_hook]:
-            del hooks[key]
     return model
 
 
 def iter_sigma_reparam(model: nn.Module) -> Iterator[tuple[str, SigmaReparam]]:
     """(name, parametrization) pairs, name = "<module path>.<tensor name>", e.g. "blocks.0.attn.qkv.weight"."""
     for module_name, _, tensor_name, reparam in _parametrized(model):
-        yield (f"{module_name}.{tensor_name}" if module_name else tensor_name), reparam
+        yield _weight_name(module_name, tensor_name), reparam
+
+
+def split_names(name: str, n_splits: int) -> list[str]:
+    """Keys of the row blocks of a matrix: [name] unsplit, [name.0, name.1, ...] split (as diagnostics log them)."""
+    return [name] if n_splits == 1 else [f"{name}.{i}" for i in range(n_splits)]
 
 
 def gamma_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -278,9 +409,30 @@ def gamma_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def power_step(model: nn.Module) -> None:
-    """One power-iteration step on every σReparam weight of `model` (the root's pre-hook calls it)."""
+    """`power_iters` power iterations on every σReparam weight of `model`, whether or not W changed.
+
+    Training reads step by themselves; this is for explicit refreshes (e.g. before logging σ).
+    """
     for _, module, tensor_name, reparam in _parametrized(model):
         reparam.power_step(module.parametrizations[tensor_name].original)
+
+
+def sigma_tracking_error(model: nn.Module) -> dict[str, float]:
+    """(σ(W) − tracked σ) / σ(W) per reparameterised matrix and row block, σ(W) by exact SVD.
+
+    Keys as `split_names` gives them ("blocks.0.attn.qkv.weight.1" for the v block under qk_v).
+    A pending step (W changed since the last one) is taken first, so the error is that of the σ the
+    next training forward uses; that step moves earlier, none is added.
+    """
+    errors = {}
+    for module_name, module, tensor_name, reparam in _parametrized(model):
+        weight = module.parametrizations[tensor_name].original
+        reparam.step_if_stale(weight)
+        with torch.no_grad():
+            exact = torch.stack([torch.linalg.matrix_norm(b, ord=2) for b in _blocks(weight, reparam.split_sizes)])
+            error = (exact - reparam.sigma.to(exact.dtype)) / exact
+        errors.update(zip(split_names(_weight_name(module_name, tensor_name), len(reparam.split_sizes)), error.tolist()))
+    return errors
 
 
 def load_plain_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:

@@ -2,6 +2,8 @@
 hand-written power steps and formulas), on tiny timm ViTs and nn.MultiheadAttention models."""
 
 import copy
+import math
+from collections import Counter
 
 import pytest
 import torch
@@ -10,16 +12,17 @@ from timm.layers import LayerNorm as TimmLayerNorm
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from sigma_repro import reparam as reparam_module
 from sigma_repro.errors import ConfigError
 from sigma_repro.reparam import (
     NORM_TYPES,
-    SigmaReparam,
     apply_sigma_reparam,
     gamma_parameters,
     iter_sigma_reparam,
     load_plain_state_dict,
     power_step,
     remove_sigma_reparam,
+    sigma_tracking_error,
 )
 
 torch.set_num_threads(1)
@@ -175,27 +178,64 @@ def test_mha_gamma_of_in_proj_and_out_proj_reach_the_output():
     assert (mha(x, x, x)[0] - 3 * base).abs().max() > 1e-3
 
 
-def test_one_power_step_per_training_step(monkeypatch):
-    model = nn.Sequential(encoder_layer(), nn.Linear(16, 4))
-    apply_sigma_reparam(model)
-    n_reparams = len(list(iter_sigma_reparam(model)))
-    steps, forwards = [], []
-    original_step, original_forward = SigmaReparam.power_step, SigmaReparam.forward
-    monkeypatch.setattr(SigmaReparam, "power_step", lambda self, w: steps.append(self) or original_step(self, w))
-    monkeypatch.setattr(SigmaReparam, "forward", lambda self, w: forwards.append(self) or original_forward(self, w))
-    in_proj = model[0].self_attn.parametrizations.in_proj_weight[0]
+@pytest.fixture
+def power_steps(monkeypatch):
+    """Counts power steps per reparameterised matrix: steps(model) -> {name: count}."""
+    counts = Counter()
+    iterate = reparam_module._power_iterations
 
-    train_steps(model, tokens(), steps=3)
-    assert len(steps) == 3 * n_reparams
-    assert all(steps.count(r) == 3 for _, r in iter_sigma_reparam(model))
-    assert forwards.count(in_proj) >= 3 * 3  # MHA reads in_proj_weight several times per forward
+    def counting(weight, u, *args):
+        counts[u.data_ptr()] += 1  # u is the parametrization's own buffer
+        return iterate(weight, u, *args)
+
+    monkeypatch.setattr(reparam_module, "_power_iterations", counting)
+    return lambda model: {name: counts[r.u.data_ptr()] for name, r in iter_sigma_reparam(model)}
+
+
+def timm_vit_1ch(seed=0):
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2, in_chans=1, num_classes=3)
+
+
+def mha_model(seed=0):
+    return nn.Sequential(encoder_layer(seed), nn.Linear(16, 4))
+
+
+STEP_CASES = {  # model, input, entry point, forwards per optimizer step
+    "root_call": (tiny_vit, images, lambda m, x: m(x), 1),
+    "forward_features": (timm_vit_1ch, lambda: images()[:, :1, :8, :8], lambda m, x: m.forward_features(x), 1),
+    "mha_reads_in_proj_3x": (mha_model, tokens, lambda m, x: m(x), 1),
+    "accumulate_3_forwards": (tiny_vit, images, lambda m, x: m(x), 3),
+}
+
+
+@pytest.mark.parametrize("case", list(STEP_CASES))
+def test_one_power_step_per_optimizer_step_whatever_the_entry_point(case, power_steps):
+    build, inputs, call, forwards = STEP_CASES[case]
+    model, x = apply_sigma_reparam(build()).train(), inputs()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        for _ in range(forwards):
+            (call(model, x).square().mean() / forwards).backward()
+        opt.step()
+    # The first forward found W as apply_sigma_reparam fitted it (no step); the 2nd and 3rd
+    # stepped once each, on the W of the update before; the 3rd update's step is still due.
+    read = {name for name in power_steps(model) if case != "forward_features" or not name.startswith("head")}
+    assert power_steps(model) == {name: 2 if name in read else 0 for name in power_steps(model)}
 
     model.eval()
-    u_before = {n: r.u.clone() for n, r in iter_sigma_reparam(model)}
-    with torch.no_grad():
-        model(tokens())
-    assert len(steps) == 3 * n_reparams
-    assert all(torch.equal(r.u, u_before[n]) for n, r in iter_sigma_reparam(model))
+    u_before = {name: r.u.clone() for name, r in iter_sigma_reparam(model)}
+    call(model, x)
+    assert power_steps(model) == {name: 2 if name in read else 0 for name in power_steps(model)}
+    assert all(torch.equal(r.u, u_before[name]) for name, r in iter_sigma_reparam(model))
+
+    model.train()  # the step due for the 3rd update, taken at the next training read, whatever the mode in between
+    call(model, x)
+    call(model, x)
+    assert power_steps(model) == {name: 3 if name in read else 0 for name in power_steps(model)}
+    power_step(model)  # an explicit call steps whether or not W changed
+    assert power_steps(model) == {name: 4 if name in read else 1 for name in power_steps(model)}
 
 
 def test_two_views_then_one_backward():
