@@ -12,7 +12,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the Hydra app's configs
+# The Hydra app's configs: conf/ at the top of a checkout (editable install, PYTHONPATH); inside the
+# package in a wheel or `pip install .`, where pyproject.toml ships conf/ as sigma_repro/conf.
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
+CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parent.parent / "conf"
 _MAX_DIRNAME = 120
 
 

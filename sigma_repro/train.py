@@ -299,7 +299,7 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used.*")
 
 
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent.parent / "conf"), config_name="train")
+@hydra.main(version_base="1.3", config_path=str(sys.modules["sigma_repro.config"].CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> dict[str, Any]:
     quiet_third_party()
     return run(cfg)
