@@ -192,6 +192,15 @@ def test_logit_norms_use_the_sigma_reparam_weights():
     got = attention_logit_norms(vit)["blocks.0.attn"]
     torch.testing.assert_close(got, per_head_logit_norms(w_hat[:16], w_hat[16:32], 2, 8 ** -0.5), rtol=1e-5, atol=0)
     assert torch.equal(vit.blocks[0].attn.qkv.parametrizations.weight[0].u, u)  # no power step
+    # nor after an optimizer-like in-place update, on a model in train mode: σReparam steps at the
+    # first training-mode read of a changed W, and reading is not training
+    qkv = vit.blocks[0].attn.qkv.parametrizations.weight
+    with torch.no_grad():
+        qkv.original.mul_(1.5)
+    vit.train()
+    buffers = {n: b.clone() for n, b in vit.named_buffers()}
+    torch.testing.assert_close(attention_logit_norms(vit)["blocks.0.attn"], got, rtol=1e-5, atol=0)  # Ŵ: W/σ(W)
+    assert all(torch.equal(b, buffers[n]) for n, b in vit.named_buffers()) and vit.training
     with pytest.raises(ValueError, match="no supported attention module"):
         attention_logit_norms(nn.Linear(2, 2))
 

@@ -26,6 +26,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
 from sigma_repro.diagnostics.attention_kinds import Projection, attention_projections
+from sigma_repro.modes import eval_mode
 from sigma_repro.reparam import SigmaReparam, iter_sigma_reparam
 
 
@@ -93,13 +94,14 @@ def attention_logit_norms(model: nn.Module) -> dict[str, torch.Tensor]:
     kind cannot say are left out.
 
     Returns, keyed by module name in module order, a float32 CPU tensor (H,). Uses the weights
-    the forward uses: σReparam's Ŵ = γ/σ·W where the plugin is on (read from the module, so the
-    power iteration does not advance). Biases and qk-norm layers are not part of the product.
+    the forward uses: σReparam's Ŵ = γ/σ·W where the plugin is on, read in eval mode (modes
+    restored), as σReparam takes its power step at a training-mode read: reading never advances it. Biases and qk-norm layers are not part of the product.
     Exact, in float64, from (head_dim, head_dim) matrices: no d×d product is formed (but for a
     rank-deficient head, see ``_product_norms``).
     """
     norms = {}
-    with torch.no_grad(), parametrize.cached():  # a fused qkv's Ŵ is computed once for q and k
+    # parametrize.cached(): a fused qkv's Ŵ is computed once for q and k
+    with eval_mode(model), torch.no_grad(), parametrize.cached():
         for name, layout in attention_projections(model):
             w_q, w_k = (effective_weight(p).double() for p in (layout.q, layout.k))  # (H·head_dim, d_in)
             w_q, w_k = (w.reshape(layout.num_heads, -1, w.shape[-1]) for w in (w_q, w_k))  # (H, head_dim, d_in)
