@@ -103,8 +103,10 @@ def test_logs_saves_and_resumes_the_whole_curve(tmp_path):
         for kind in ("token_cosine", "residual_ratio"):
             assert float(last[f"diag/{kind}/B{b:02d}"]) == pytest.approx(blocks[name][kind], abs=1e-6)
     logit_norms = attention_logit_norms(task.model)
-    assert float(last["diag/attention_logit_norm/L01"]) == pytest.approx(float(logit_norms["blocks.1.attn"].max()), rel=1e-6)
-    assert float(last["diag/attention_logit_norm/L00/H01"]) == pytest.approx(float(logit_norms["blocks.0.attn"][1]), rel=1e-6)
+    assert float(last["diag/attention_logit_norm/L01"]) == pytest.approx(float(logit_norms["blocks.1.attn"].max()),
+                                                                         rel=1e-6)
+    assert float(last["diag/attention_logit_norm/L00/H01"]) == pytest.approx(float(logit_norms["blocks.0.attn"][1]),
+                                                                             rel=1e-6)
 
     # gradient norms of the training batch at probe steps 0, 2, 4 (step 5 trains no batch)
     grad_rows = [r for r in logged_rows(tmp_path) if r.get("diag/grad_ratio_qv/L00")]

@@ -200,7 +200,8 @@ def test_blocks_come_from_declarations_or_patterns_and_their_absence_says_how_to
             return self.extra(self.gpt(x))
 
     x = torch.randn(2, 4, D)
-    with pytest.raises(ValueError, match=r"declares no transformer blocks.*transformer_blocks\(self\).*register_blocks"):
+    how_to_declare = r"declares no transformer blocks.*transformer_blocks\(self\).*register_blocks"
+    with pytest.raises(ValueError, match=how_to_declare):
         rank_collapse(Stages(), x)
     assert list(rank_collapse(Wrapper(), x)) == ["gpt.h.0", "gpt.h.1"]
     register_blocks(Stages, "stages")

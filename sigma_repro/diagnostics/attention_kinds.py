@@ -112,17 +112,16 @@ class AttentionKind:
 ATTENTION_KINDS: dict[str, AttentionKind] = {}
 
 
-def register_attention_kind(kind: AttentionKind) -> AttentionKind:
+def register_attention_kind(kind: AttentionKind) -> None:
     """Add ``kind`` to the registry every attention diagnostic reads; it takes precedence over the
-    kinds registered before it. Returns it."""
+    kinds registered before it."""
     if kind.name in ATTENTION_KINDS:
-        raise ValueError(f"an attention kind named {kind.name!r} is already registered "
-                         f"({ATTENTION_KINDS[kind.name]}); choose another name.")
+        raise ValueError(f"an attention kind named {kind.name!r} is already registered (kinds: "
+                         f"{list(ATTENTION_KINDS)}); give yours another name.")
     ATTENTION_KINDS[kind.name] = kind
-    return kind
 
 
-def attention_kind(module: nn.Module) -> AttentionKind | None:
+def _kind_of(module: nn.Module) -> AttentionKind | None:
     """The kind of ``module`` (the newest registration that matches), or None if it is not attention."""
     return next((kind for kind in reversed(ATTENTION_KINDS.values()) if kind.match(module)), None)
 
@@ -134,7 +133,7 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, AttentionK
     raised before any compute, and the Hydra app prints it without a traceback).
     """
     found = [(name, module, kind) for name, module in model.named_modules()
-             if (kind := attention_kind(module)) is not None]
+             if (kind := _kind_of(module)) is not None]
     if not found:
         types = sorted({type(m).__name__ for m in model.modules()})
         raise ConfigError(

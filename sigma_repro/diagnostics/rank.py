@@ -202,7 +202,7 @@ def _hook_block(name: str, block: nn.Module, values: list[Tensor],
             raise ValueError(
                 f"block {name!r} ({type(mod).__name__}) returned {type(x).__name__} "
                 f"{tuple(x.shape) if isinstance(x, Tensor) else ''}; rank-collapse metrics need token "
-                "representations (B, T, d). Choose other modules with the blocks patterns."
+                "representations (B, T, d). Declare other blocks, or choose them with the blocks patterns."
             )
         seq_first, valid = call[0] if call else (False, None)
         if seq_first:
