@@ -297,10 +297,11 @@ def _select(targets: list[_Target], include: Sequence[str] | None, exclude: Sequ
     selected = [t for t in targets if included(t) and not excluded(t)]
     tied = [t for t in targets if t.tied and not excluded(t)]
     if not selected and include is None and tied:
-        shared = "; ".join(f"one Parameter shared by {list(owners)}" for owners in dict.fromkeys(t.owners for t in tied))
-        raise ConfigError(f"every eligible weight left by exclude={exclude} is tied ({shared}); σReparam skips tied "
-                          f"weights unless named, since a module reading the raw W would not see Ŵ; to reparameterise "
-                          f"them, name them in include, e.g. include={[t.module_name for t in tied]}")
+        shared = "; ".join(f"{list(owners)} share one weight" for owners in dict.fromkeys(t.owners for t in tied))
+        raise ConfigError(f"no weight left for σReparam: every eligible one{' not excluded' if exclude else ''} is "
+                          f"tied ({shared}); tied weights are skipped unless named, since a module reading the raw W "
+                          f"(e.g. an embedding) would not see Ŵ; to reparameterise them, name them in include, e.g. "
+                          f"include={[t.module_name for t in tied]}")
     if not selected:
         raise ConfigError(f"include={include} / exclude={exclude} leave no weight for σReparam out of "
                           f"{len(targets)} eligible ones; loosen the patterns")

@@ -328,6 +328,89 @@ def test_tied_head_and_embedding_untouched_unless_included():
     assert model.head.parametrizations.weight.original is model.embed.weight
 
 
+class SharedPair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encode, self.decode = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.decode.weight = self.encode.weight  # tied, no embedding involved
+
+    def forward(self, x):
+        return self.decode(self.encode(x).relu())
+
+
+def test_tied_weights_only_message_names_them_and_the_include_that_converts_them():
+    with pytest.raises(ConfigError) as error:
+        apply_sigma_reparam(SharedPair())
+    message = str(error.value)
+    assert "is tied (['encode', 'decode'] share one weight)" in message
+    assert "include=['encode', 'decode']" in message
+    torch.manual_seed(0)
+    model, x = SharedPair(), torch.randn(2, 4)
+    expected = model(x)
+    apply_sigma_reparam(model, include=["encode", "decode"])
+    assert [n for n, _ in iter_sigma_reparam(model)] == ["encode.weight", "decode.weight"]
+    assert model.encode.parametrizations.weight.original is model.decode.parametrizations.weight.original
+    torch.testing.assert_close(model(x), expected)
+    with pytest.raises(ConfigError, match="leave no weight"):  # not tied: the plain message
+        apply_sigma_reparam(SharedPair(), include=["encode"], exclude=["encode"])
+
+
+class CausalSelfAttention(nn.Module):
+    """nanoGPT's attention: one fused projection c_attn (d -> 3d), q, k, v in that row order."""
+
+    def __init__(self, d=8, heads=2):
+        super().__init__()
+        self.heads, self.c_attn, self.c_proj = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in self.c_attn(x).split(d, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, heads, t, head_dim)
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class DeclaredAttention(CausalSelfAttention):
+    sigma_reparam_fused_qkv = ("c_attn",)
+
+
+def tiny_gpt(attention=CausalSelfAttention, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(*(attention() for _ in range(2)), nn.Linear(8, 5))
+
+
+def test_fused_projection_declared_by_module_option_or_root_is_split():
+    x = tokens(d=8)
+    expected = tiny_gpt().eval()(x)
+    root_declared = tiny_gpt()
+    root_declared.sigma_reparam_fused_qkv = ("*.c_attn",)  # patterns relative to the declaring module
+    for model in (apply_sigma_reparam(tiny_gpt(DeclaredAttention), qkv="qk_v"),
+                  apply_sigma_reparam(tiny_gpt(), qkv="qk_v", fused_qkv=["*.c_attn"]),
+                  apply_sigma_reparam(root_declared, qkv="qk_v")):
+        reparams = dict(iter_sigma_reparam(model))
+        assert {n: r.split_sizes for n, r in reparams.items() if len(r.split_sizes) > 1} == {
+            "0.c_attn.weight": [16, 8], "1.c_attn.weight": [16, 8]}
+        for name, reparam in reparams.items():
+            torch.testing.assert_close(reparam.sigma, exact_sigmas(raw_weight(model, name), reparam.split_sizes))
+        assert (model.eval()(x) - expected).abs().max() < 1e-5
+
+
+def test_split_that_finds_no_fused_projection_fails_loudly():
+    with pytest.raises(ConfigError, match=r"qkv='qk_v'.*\['\*qkv'\].*sigma_reparam_fused_qkv"):
+        apply_sigma_reparam(tiny_gpt(), qkv="qk_v")
+    fused = apply_sigma_reparam(tiny_gpt(), qkv="fused")  # nothing asked, nothing split
+    assert all(len(r.split_sizes) == 1 for _, r in iter_sigma_reparam(fused))
+    with pytest.raises(ConfigError, match="qkv='separate'"):  # declared, but excluded
+        apply_sigma_reparam(tiny_gpt(DeclaredAttention), qkv="separate", exclude=["*.c_attn"])
+    with pytest.raises(ConfigError, match=r"fused_qkv option: pattern 'c_atn' matches no nn.Linear.*0\.c_attn"):
+        apply_sigma_reparam(tiny_gpt(), qkv="qk_v", fused_qkv=["c_atn"])
+    with pytest.raises(ConfigError, match="found the string 'c_attn'"):
+        apply_sigma_reparam(tiny_gpt(), qkv="qk_v", fused_qkv="c_attn")
+    misdeclared = tiny_gpt()
+    misdeclared[0].sigma_reparam_fused_qkv = ("c_attn")  # a string: the trailing comma is missing
+    with pytest.raises(ConfigError, match=r"sigma_reparam_fused_qkv of 0 \(CausalSelfAttention\).*trailing comma"):
+        apply_sigma_reparam(misdeclared, qkv="qk_v")
+
+
 def test_already_parametrized_weight_is_skipped():
     def build():
         return nn.Sequential(nn.Linear(4, 4), nn.utils.parametrizations.weight_norm(nn.Linear(4, 3)))
@@ -397,6 +480,74 @@ def test_bf16_autocast_keeps_sigma_in_fp32():
         assert reparam.gamma.grad.dtype == torch.float32 and reparam.gamma.grad.isfinite().all()
         exact = exact_sigmas(raw_weight(model, name), reparam.split_sizes)
         torch.testing.assert_close(reparam.sigma, exact, rtol=1e-5, atol=0)  # the step ran in fp32
+
+
+def test_sigma_tracking_error_against_svd(power_steps):
+    model, x = apply_sigma_reparam(tiny_vit(), qkv="qk_v"), images()
+    assert max(map(abs, sigma_tracking_error(model).values())) < 1e-5  # u, v from an SVD of this W
+    train_steps(model, x, steps=3, lr=1e-2)  # the 3rd update's step is still due
+    errors = sigma_tracking_error(model)
+    expected = {}
+    for name, reparam in iter_sigma_reparam(model):
+        blocks = raw_weight(model, name).split(reparam.split_sizes)
+        exact = [torch.linalg.svd(b.double()).S[0].item() for b in blocks]
+        keys = [name] if len(blocks) == 1 else [f"{name}.{i}" for i in range(len(blocks))]
+        expected.update({k: (e - s) / e for k, e, s in zip(keys, exact, reparam.sigma.tolist())})
+    assert "blocks.0.attn.qkv.weight.1" in errors and "head.weight" in errors
+    assert errors.keys() == expected.keys()
+    assert all(errors[k] == pytest.approx(expected[k], abs=1e-6) for k in expected)
+    # 0 <= vᵀWu <= σ; AdamW at lr 1e-2 turns these small W so fast that σ lags by up to 39%.
+    assert all(-1e-6 < e <= 1 for e in errors.values()) and max(errors.values()) > 0.1
+    assert set(power_steps(model).values()) == {3}  # it took the step due, ...
+    model(x)
+    assert set(power_steps(model).values()) == {3}  # ... which the next training read does not repeat
+
+
+def test_power_iters_follow_close_top_singular_values():
+    """W_t = U diag(s) (V R_t)ᵀ, R_t turning the top two right singular vectors by θ per update,
+    s1/s2 = 1.02. Per power iteration the lag angle φ of u behind the top vector shrinks as
+    tan φ -> ρ tan φ, ρ = (s2/s1)², and each update adds θ: a 2-d recurrence predicts the tracked
+    σ exactly. Its error is bounded by the gap, 1 - s2/s1 ≈ 2%, since u stays in the top plane.
+    """
+    s1, s2, theta, d, updates = 1.02, 1.0, 0.02, 8, 100
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    s = torch.tensor([s1, s2] + [0.5] * (d - 2), dtype=torch.float64)
+
+    def weight(t):
+        turn = torch.eye(d, dtype=torch.float64)
+        turn[:2, :2] = torch.tensor([[math.cos(t * theta), -math.sin(t * theta)],
+                                     [math.sin(t * theta), math.cos(t * theta)]])
+        return U @ torch.diag(s) @ (V @ turn).T
+
+    def measured(power_iters):
+        linear = nn.Linear(d, d, bias=False).double()
+        with torch.no_grad():
+            linear.weight.copy_(weight(0))
+        model = apply_sigma_reparam(linear, power_iters=power_iters).train()
+        for t in range(1, updates + 1):
+            with torch.no_grad():
+                linear.parametrizations.weight.original.copy_(weight(t))  # the "optimizer step"
+            model(torch.zeros(1, d, dtype=torch.float64))
+        return sigma_tracking_error(model)["weight"]
+
+    def predicted(power_iters):
+        rho, phi = (s2 / s1) ** 2, 0.0
+        for _ in range(updates):
+            b = phi + theta
+            for _ in range(power_iters):  # v = W u(a) / |W u(a)|, u(b) = Wᵀv / |Wᵀv|, σ = vᵀ W u(b)
+                a, b = b, math.atan(rho * math.tan(b))
+            sigma = (s1**2 * math.cos(a) * math.cos(b) + s2**2 * math.sin(a) * math.sin(b)) / math.hypot(
+                s1 * math.cos(a), s2 * math.sin(a))
+            phi = b
+        return (s1 - sigma) / s1
+
+    one, four = measured(1), measured(4)
+    assert one == pytest.approx(predicted(1), rel=1e-6) and four == pytest.approx(predicted(4), rel=1e-6)
+    assert 6e-3 < one < 1 - s2 / s1 and four < 3e-4  # measured: 6.6e-3 and 2.8e-4
+    with pytest.raises(ConfigError, match="power_iters must be an integer >= 1"):
+        apply_sigma_reparam(nn.Linear(3, 3), power_iters=0)
 
 
 def _cpu_runs(dtype):
@@ -481,6 +632,9 @@ def test_torch_compile_one_graph_and_matches_eager(power_steps):
     (dict(gamma_init="1.0"), "positive number"),
     (dict(gamma_init=True), "positive number"),
     (dict(gamma_init=-1.0), "positive number"),
+    (dict(power_iters=0), "power_iters must be an integer >= 1"),
+    (dict(power_iters=1.5), "power_iters must be an integer >= 1"),
+    (dict(power_iters=True), "power_iters must be an integer >= 1"),
 ])
 def test_bad_options_raise_config_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
