@@ -5,9 +5,10 @@ benchmark is one entry of BENCHMARKS (help line, its argument adder, its runner)
 add a subcommand. `machine_info` and `time_call` are shared, so every record says where and how it
 was measured.
 
-`bench reparam` answers: what does σReparam cost per training step? It times forward, backward
-and an AdamW step of the same timm ViT with and without σReparam in one process, interleaved
-(plain, reparam, plain, ...) so both see the same machine load, and reports medians after warmup.
+`bench reparam` answers: what does σReparam cost per training step, at `--power-iters` power
+iterations per update of W? It times forward, backward and an AdamW step of the same timm ViT
+with and without σReparam in one process, interleaved (plain, reparam, plain, ...) so both see
+the same machine load, and reports medians after warmup.
 Wall time is synchronised with the GPU; on a shared CPU it is noisy, so process time is recorded
 too. The goal this was written for (ViT-S/16 at 224, batch >= 16, 2 CPU cores: <= 1.05x) is
 reported, not asserted.
@@ -105,6 +106,7 @@ def _add_reparam_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models (compile time in warmup)")
     parser.add_argument("--qkv", choices=list(QKV_MODES), default="fused", help="σ/γ per fused qkv matrix")
+    parser.add_argument("--power-iters", type=int, default=1, help="σReparam's power iterations per update of W")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON record here")
 
 
@@ -138,13 +140,15 @@ def _write_record(record: dict, out: Path | None) -> None:
 
 
 def _run_reparam(args: argparse.Namespace) -> int:
-    if args.repeats < 1 or args.warmup < 0:
-        raise ConfigError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    if args.repeats < 1 or args.power_iters < 1 or args.warmup < 0:
+        raise ConfigError(f"--repeats and --power-iters must be >= 1 and --warmup >= 0, "
+                          f"got {args.repeats}, {args.power_iters} and {args.warmup}")
     device = _device(args)
     torch.manual_seed(0)
     size = {**VIT_SIZES[args.model], **({"depth": args.depth} if args.depth else {})}
     plain = VisionTransformer(img_size=args.img_size, patch_size=16, num_classes=1000, **size).to(device).train()
-    models = {"plain": plain, "reparam": apply_sigma_reparam(copy.deepcopy(plain), qkv=args.qkv)}
+    reparam = apply_sigma_reparam(copy.deepcopy(plain), qkv=args.qkv, power_iters=args.power_iters)
+    models = {"plain": plain, "reparam": reparam}
     if args.compile:
         models = {name: torch.compile(model) for name, model in models.items()}
 
@@ -177,6 +181,7 @@ def _print_reparam_header(record: dict) -> None:
     c, m = record["config"], record["machine"]
     print(f"σReparam training-step time: {c['model']} depth {c['depth'] or 12}, img {c['img_size']}, "
           f"{m['device_name']}, {c['dtype']}{', compiled' if c['compile'] else ''}, qkv={c['qkv']}, "
+          f"power_iters={c['power_iters']}, "
           f"{m['torch_threads']} threads, median of {c['repeats']} after {c['warmup']} warmup")
     print(f"{'batch':>5}  {'plain wall s':>12}  {'reparam wall s':>14}  {'ratio':>6}  "
           f"{'plain cpu s':>11}  {'reparam cpu s':>13}  {'ratio':>6}", flush=True)

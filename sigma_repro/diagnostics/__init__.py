@@ -7,7 +7,7 @@ one registry of attention kinds (``register_attention_kind``, attention_kinds.py
 rank collapse measures are those the model declares (a ``transformer_blocks()`` method, or
 ``register_blocks`` for classes you do not own; rank.py). The Lightning callback and the plot
 helpers live in ``sigma_repro.diagnostics.callbacks`` (``AttentionDiagnostics``,
-``plot_entropy_curves``, ``plot_entropy_comparison``, ``plot_entropy_heads``,
+``load_diagnostics``, ``plot_entropy_curves``, ``plot_entropy_comparison``, ``plot_entropy_heads``,
 ``plot_sigma_curves``), imported from there so that importing this package needs neither
 Lightning nor matplotlib.
 """
