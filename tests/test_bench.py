@@ -9,6 +9,7 @@ import torch
 
 from sigma_repro import bench
 from sigma_repro.errors import ConfigError
+from sigma_repro.reparam import apply_sigma_reparam
 
 
 def parse(*argv):
@@ -50,6 +51,22 @@ def test_reparam_bench_writes_consistent_record(tmp_path, capsys, restore_thread
     assert "reparam wall s" in table and f"wrote {out}" in table
 
 
+def test_reparam_bench_applies_and_records_power_iters(tmp_path, monkeypatch, restore_threads):
+    applied = []
+
+    def recording_apply(model, **options):
+        applied.append(options)
+        return apply_sigma_reparam(model, **options)
+
+    monkeypatch.setattr(bench, "apply_sigma_reparam", recording_apply)
+    out = tmp_path / "reparam.json"
+    args = parse("reparam", "--model", "vit_tiny", "--depth", "1", "--img-size", "16", "--batch-sizes", "1",
+                 "--repeats", "1", "--warmup", "0", "--threads", "1", "--power-iters", "3", "--out", str(out))
+    assert bench.run(args) == 0
+    assert applied == [{"qkv": "fused", "power_iters": 3}]
+    assert json.loads(out.read_text())["config"]["power_iters"] == 3
+
+
 def test_bad_arguments_are_rejected():
     with pytest.raises(SystemExit):
         parse("reparam", "--batch-sizes", "4,0")
@@ -59,6 +76,8 @@ def test_bad_arguments_are_rejected():
         parse()  # a benchmark name is required
     with pytest.raises(ConfigError, match="repeats"):
         bench.run(parse("reparam", "--repeats", "0"))
+    with pytest.raises(ConfigError, match="--power-iters must be >= 1"):
+        bench.run(parse("reparam", "--power-iters", "0"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
