@@ -5,10 +5,12 @@ every weight matrix by its spectral norm σ(W) and learning one scalar γ per ma
 which keeps training stable without warmup, weight decay or LayerNorm.
 
 What this module touches: it adds a `SigmaReparam` parametrization
-(`torch.nn.utils.parametrize`) to each eligible weight of a model built elsewhere, and nothing
-else (no hooks). The existing weights are kept (unlike the official converter, which
-re-initialises them), so apply it after custom init or checkpoint loading and before the
-optimizer, torch.compile and DDP.
+(`torch.nn.utils.parametrize`) to each eligible weight of a model built elsewhere (no module
+hooks), and, process-wide at import, one optimizer step post-hook that bumps the version counters
+of parameters a fused torch optimizer (fused=True) updated, since those kernels do not (see Power
+iteration). The existing weights are kept (unlike the official converter, which re-initialises
+them), so apply it after custom init or checkpoint loading and before the optimizer,
+torch.compile and DDP.
 
 Eligible weights: `nn.Linear` (also MultiheadAttention's `out_proj`), `nn.Conv1d/2d/3d`
 (grouped and depthwise included; a kernel (out, in/groups, k...) is read as an
@@ -32,7 +34,8 @@ Power iteration: u, v start from an exact SVD, so σ is exact at apply time. Aft
 W with `power_iters` power-iteration steps (default 1) per update of W, in fp32 (fp64 for a
 float64 W) with autocast off. The step runs lazily, at the first training-mode read of Ŵ after W
 changed in place, detected by W's version counter (`Tensor._version`, bumped by every in-place
-write: optimizer steps, `load_state_dict`, DDP's broadcast at construction). So σ moves once per
+write: optimizer steps, `load_state_dict`, DDP's broadcast at construction; an optimizer that writes
+through `.data` does not count: call `power_step(model)` after its step). So σ moves once per
 optimizer step whichever entry point the forward used (`model(x)`, `model.forward_features(x)`, a
 probe), however often W is read (nn.MultiheadAttention reads `in_proj_weight` three times per
 forward), and however many forwards share one update (gradient accumulation, SSL views). The first
@@ -69,6 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from sigma_repro.errors import ConfigError
 
@@ -109,6 +113,17 @@ def _power_iterations(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, si
         u.copy_(torch.stack(us))
         v.copy_(torch.cat(vs))
         sigma.copy_(_sigmas(blocks, us, vs))
+
+
+def _bump_versions_after_fused_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Fused torch optimizers (fused=True) write parameters without bumping their version
+    counters, which the lazy power step reads: bump them after the step."""
+    fused = [p for group in optimizer.param_groups if group.get("fused") for p in group["params"]]
+    if fused:
+        torch.autograd.graph.increment_version(fused)
+
+
+register_optimizer_step_post_hook(_bump_versions_after_fused_step)
 
 
 @torch.library.custom_op("sigma_repro::power_step_if_stale", mutates_args=("u", "v", "sigma", "stepped_version"))

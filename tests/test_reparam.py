@@ -201,19 +201,20 @@ def mha_model(seed=0):
     return nn.Sequential(encoder_layer(seed), nn.Linear(16, 4))
 
 
-STEP_CASES = {  # model, input, entry point, forwards per optimizer step
-    "root_call": (tiny_vit, images, lambda m, x: m(x), 1),
-    "forward_features": (timm_vit_1ch, lambda: images()[:, :1, :8, :8], lambda m, x: m.forward_features(x), 1),
-    "mha_reads_in_proj_3x": (mha_model, tokens, lambda m, x: m(x), 1),
-    "accumulate_3_forwards": (tiny_vit, images, lambda m, x: m(x), 3),
+STEP_CASES = {  # model, input, entry point, forwards per optimizer step, AdamW options
+    "root_call": (tiny_vit, images, lambda m, x: m(x), 1, {}),
+    "forward_features": (timm_vit_1ch, lambda: images()[:, :1, :8, :8], lambda m, x: m.forward_features(x), 1, {}),
+    "mha_reads_in_proj_3x": (mha_model, tokens, lambda m, x: m(x), 1, {}),
+    "accumulate_3_forwards": (tiny_vit, images, lambda m, x: m(x), 3, {}),
+    "fused_adamw": (tiny_vit, images, lambda m, x: m(x), 1, {"fused": True}),  # writes W without a version bump
 }
 
 
 @pytest.mark.parametrize("case", list(STEP_CASES))
 def test_one_power_step_per_optimizer_step_whatever_the_entry_point(case, power_steps):
-    build, inputs, call, forwards = STEP_CASES[case]
+    build, inputs, call, forwards, options = STEP_CASES[case]
     model, x = apply_sigma_reparam(build()).train(), inputs()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **options)
     for _ in range(3):
         opt.zero_grad()
         for _ in range(forwards):
