@@ -30,28 +30,30 @@ nn.Linear a module declares with a class or instance attribute
 declaring module (the root included), so a model's author says it once for every user. Asking for
 a split that splits nothing is a ConfigError.
 
-Power iteration: u, v start from an exact SVD, so σ is exact at apply time. Afterwards σ follows
-W with `power_iters` power-iteration steps (default 1) per update of W, in fp32 (fp64 for a
-float64 W) with autocast off. The step runs lazily, at the first training-mode read of Ŵ after W
-changed in place, detected by W's version counter (`Tensor._version`, bumped by every in-place
-write: optimizer steps, `load_state_dict`, DDP's broadcast at construction; an optimizer that writes
-through `.data` does not count: call `power_step(model)` after its step). So σ moves once per
-optimizer step whichever entry point the forward used (`model(x)`, `model.forward_features(x)`, a
-probe), however often W is read (nn.MultiheadAttention reads `in_proj_weight` three times per
-forward), and however many forwards share one update (gradient accumulation, SSL views). The first
-training read after `apply_sigma_reparam` does not step (u, v are exact for that W); eval-mode
-reads never step. The step is a custom op (`sigma_repro::power_step_if_stale`), opaque to
-torch.compile: the compiled graph keeps one node for it, with no graph break, and the version is
-read at run time. The step depends only on W and u, v, so DDP ranks that start equal (same seed,
-or parameters synced at DDP construction) stay identical without syncing buffers every forward.
-Resuming from a checkpoint saved between an optimizer step and the next forward repeats the
-uninterrupted run exactly: loading W bumps its version just as the optimizer step did.
-One step per update lets σ lag when the top two singular values of a matrix are close
-(`sigma_tracking_error` measures it; raise `power_iters` to follow such matrices).
+Power iteration: u, v start from an exact SVD, so σ is exact at apply time. Afterwards one power
+step (`power_iters` iterations, default 1, in at least fp32 with autocast off) follows each update
+of W. One step per update lets σ lag when the top two singular values of a matrix are close:
+`sigma_tracking_error` measures the lag, a larger `power_iters` shrinks it.
 
-Dtypes: u, v, σ and γ are created in at least fp32 and σ is always computed in at least fp32,
-whatever `model.to(dtype)` later does to them (it casts floating buffers and γ with the weights);
-Ŵ has W's dtype.
+When the step runs: lazily, at the first training-mode read of Ŵ after W changed in place,
+detected by W's version counter (`Tensor._version`, bumped by every in-place write: optimizer
+steps, `load_state_dict`, DDP's broadcast at construction; fused torch optimizers bump nothing,
+so the hook above does it for them). So σ moves once per optimizer step whichever entry point the
+forward used (`model(x)`, `model.forward_features(x)`, a probe), however often W is read
+(nn.MultiheadAttention reads `in_proj_weight` three times per forward), and however many
+forwards share one update (gradient accumulation, SSL views). The first training read after
+`apply_sigma_reparam` does not step (u, v fit that W); eval-mode reads never step. An optimizer
+that writes through `.data` bumps nothing either: call `power_step(model)` after its step.
+The step is a custom op (`sigma_repro::power_step_if_stale`), opaque to torch.compile: the
+compiled graph holds it as one node, with no graph break, and reads the version when it runs.
+The step depends only on W and u, v, so DDP ranks that start equal (same seed, or parameters
+synced at DDP construction) stay identical without syncing buffers every forward, and resuming
+from a checkpoint saved after an optimizer step repeats the uninterrupted run exactly (loading W
+bumps its version as the optimizer step did).
+
+Dtypes: u, v, σ and γ are created in at least fp32 (fp64 for a float64 W); `model.to(dtype)`
+casts them with the weights. σ and γ/σ are computed in at least fp32 whatever dtype they then
+have, and Ŵ has W's dtype.
 
 Checkpoints: keys become `<module>.parametrizations.weight.original` plus
 `<module>.parametrizations.weight.0.{gamma,u,v,sigma}`; such a state dict loads exactly into a

@@ -436,6 +436,30 @@ def test_state_dict_round_trip_is_exact():
     assert torch.equal(model(x), fresh(x))
 
 
+def test_resume_from_checkpoint_repeats_the_uninterrupted_run():
+    """A checkpoint taken after an optimizer step holds u, v fitted to the W before it; loading W
+    bumps its version, so the resumed run takes the same pending step the uninterrupted one does."""
+    x = images()
+
+    def run(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+
+    model = apply_sigma_reparam(tiny_vit(seed=0), qkv="qk_v").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    run(model, opt, 2)
+    checkpoint = copy.deepcopy({"model": model.state_dict(), "optim": opt.state_dict()})
+    run(model, opt, 2)
+    resumed = apply_sigma_reparam(tiny_vit(seed=1), qkv="qk_v").train()
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    resumed_opt.load_state_dict(checkpoint["optim"])
+    run(resumed, resumed_opt, 2)
+    assert all(torch.equal(resumed.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
 def test_remove_sigma_reparam_bakes_w_hat_exactly():
     x = images()
     model = apply_sigma_reparam(tiny_vit(), qkv="separate")
