@@ -243,9 +243,10 @@ def _qkv_splits(rows: int, qkv: str, where: str) -> list[int] | None:
     return [2 * d, d] if qkv == "qk_v" else [d, d, d]
 
 
-def _fused_qkv_patterns(model: nn.Module, fused_qkv: Sequence[str] | None) -> dict[str, str | None]:
-    """{pattern: where it came from} naming the fused [q; k; v] nn.Linear modules of `model`:
-    the `fused_qkv` option (default FUSED_QKV_DEFAULT) and every module's declaration."""
+def _fused_qkv_patterns(model: nn.Module, fused_qkv: Sequence[str] | None, qkv: str) -> list[str]:
+    """Patterns naming the fused [q; k; v] nn.Linear modules of `model`: the `fused_qkv` option
+    (default FUSED_QKV_DEFAULT) and every module's declaration. When a split is asked for, each
+    given or declared pattern must name some nn.Linear."""
     if isinstance(fused_qkv, str):
         raise ConfigError(f"fused_qkv must be a list of fnmatch patterns such as ['*.c_attn'], "
                           f"found the string {fused_qkv!r}; wrap it in a list")
@@ -260,26 +261,25 @@ def _fused_qkv_patterns(model: nn.Module, fused_qkv: Sequence[str] | None) -> di
             raise ConfigError(f"{where} must be a tuple of fnmatch patterns such as ('c_attn',), found the string "
                               f"{declared!r}; add the trailing comma")
         patterns.update({f"{name}.{p}" if name else p: where for p in declared})
-    return patterns
+    linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for pattern, where in patterns.items():
+        if qkv != "fused" and where and not any(fnmatch(name, pattern) for name in linear_names):
+            raise ConfigError(f"{where}: pattern {pattern!r} matches no nn.Linear; fnmatch patterns on module "
+                              f"names such as {linear_names[:6]}; correct or drop it")
+    return list(patterns)
 
 
-def _eligible(model: nn.Module, qkv: str, fused_qkv: Sequence[str] | None) -> list[_Target]:
-    """Every weight σReparam may take, in module order, with the modules sharing its Parameter."""
+def _eligible(model: nn.Module, qkv: str, fused_patterns: list[str]) -> list[_Target]:
+    """Every weight σReparam may take, in module order, with the modules sharing its Parameter;
+    nn.Linear modules matching `fused_patterns` are split per `qkv`."""
     owners = defaultdict(list)
     for name, module in model.named_modules(remove_duplicate=False):
         for param in module.parameters(recurse=False):
             owners[id(param)].append(name)
-    patterns = _fused_qkv_patterns(model, fused_qkv)
-    linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if qkv != "fused":
-        for pattern, where in patterns.items():
-            if where and not any(fnmatch(name, pattern) for name in linear_names):
-                raise ConfigError(f"{where}: pattern {pattern!r} matches no nn.Linear; fnmatch patterns on module "
-                                  f"names such as {linear_names[:6]}; correct or drop it")
     targets = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            fused = any(fnmatch(name, pattern) for pattern in patterns)
+            fused = any(fnmatch(name, pattern) for pattern in fused_patterns)
             tensors = [("weight", _qkv_splits(module.out_features, qkv, name) if fused else None)]
         elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             tensors = [("weight", None)]
@@ -381,7 +381,8 @@ def apply_sigma_reparam(model: nn.Module, *, gamma_init: str | float = "sigma", 
         raise ConfigError("model already has σReparam; call remove_sigma_reparam(model) before applying it again")
     if remove_norms:
         remove_norm_layers(model)
-    targets = _eligible(model, qkv, fused_qkv)
+    fused_patterns = _fused_qkv_patterns(model, fused_qkv, qkv)
+    targets = _eligible(model, qkv, fused_patterns)
     if not targets:
         raise ConfigError(f"{type(model).__name__} has no nn.Linear, nn.Conv1d/2d/3d or nn.MultiheadAttention "
                           f"weight for σReparam; pass a model that has some")
@@ -389,7 +390,7 @@ def apply_sigma_reparam(model: nn.Module, *, gamma_init: str | float = "sigma", 
     if qkv != "fused" and not any(t.split_sizes for t in selected):
         raise ConfigError(
             f"qkv={qkv!r} splits fused q/k/v matrices, but none is among the {len(selected)} weights converted: no "
-            f"nn.MultiheadAttention with in_proj_weight, no nn.Linear matching {list(_fused_qkv_patterns(model, fused_qkv))}; "
+            f"nn.MultiheadAttention with in_proj_weight, no nn.Linear matching {fused_patterns}; "
             f"declare the fused projection (fused_qkv=['*.c_attn'], or sigma_reparam_fused_qkv = ('c_attn',) on the "
             f"attention module) or use qkv='fused'")
     for t in selected:
@@ -449,7 +450,8 @@ def sigma_tracking_error(model: nn.Module) -> dict[str, float]:
         with torch.no_grad():
             exact = torch.stack([torch.linalg.matrix_norm(b, ord=2) for b in _blocks(weight, reparam.split_sizes)])
             error = (exact - reparam.sigma.to(exact.dtype)) / exact
-        errors.update(zip(split_names(_weight_name(module_name, tensor_name), len(reparam.split_sizes)), error.tolist()))
+        names = split_names(_weight_name(module_name, tensor_name), len(reparam.split_sizes))
+        errors.update(zip(names, error.tolist()))
     return errors
 
 

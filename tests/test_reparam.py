@@ -586,7 +586,8 @@ def _cpu_runs(dtype):
 # Tolerance of ‖Ŵ‖₂ = γ: bf16/fp16 round W (when cast after apply, u, v fit the fp32 W) and the
 # scale, 2^-9 and 2^-11 relative (measured: 3e-3, 4e-4); a float64 model cast after apply keeps
 # u, v from an fp32 SVD (measured 8e-7), one cast before apply is exact (1e-15).
-DTYPE_RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: {"apply_then_cast": 5e-6, "cast_then_apply": 1e-12}}
+DTYPE_RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3,
+              torch.float64: {"apply_then_cast": 5e-6, "cast_then_apply": 1e-12}}
 
 
 @pytest.mark.parametrize("order", ["cast_then_apply", "apply_then_cast"])
