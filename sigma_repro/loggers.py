@@ -2,8 +2,12 @@
 
 Lightning's CSVLogger deletes an existing ``metrics.csv`` when a new logger opens the same dir, so a
 run resumed from ``last.ckpt`` would lose the curve it had before it was killed. Here the writer
-keeps the file and appends; ``trim_metrics_after`` first drops the rows logged after the checkpoint
-the run resumes from (they will be logged again), so the final file has each step once.
+keeps the file and appends; ``trim_metrics_after`` first drops the rows past the step of the
+checkpoint the run resumes from (they will be logged again), and when the logger finalizes,
+``drop_relogged_rows`` drops the rows of that step itself that were logged again, so the final file
+has each row of the uninterrupted run once, in its order.
+Under DDP only global rank 0 touches the file: the logger's writes are rank-zero-only in Lightning,
+and the app trims on rank 0 alone.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -27,21 +33,54 @@ class ResumableCSVLogger(CSVLogger):
     """``CSVLogger`` whose ``metrics.csv`` is appended to, never deleted, across resumes."""
 
     @property
+    @rank_zero_experiment  # as in CSVLogger: ranks > 0 get a no-op writer and never open metrics.csv
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
 
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)  # writes the rows still buffered
+        if self._experiment is not None:
+            drop_relogged_rows(Path(self._experiment.metrics_file_path))
+
 
 def trim_metrics_after(path: Path, step: int) -> None:
     """Drop rows of ``path`` logged after ``step`` (the step of the checkpoint a run resumes from)."""
     if not path.is_file():
         return
+    fields, rows = _read_rows(path)
+    _write_rows(path, fields, [r for r in rows if int(float(r["step"])) <= step])
+
+
+def drop_relogged_rows(path: Path) -> None:
+    """Of rows with the same step and the same logged keys, keep the last, where it stands.
+
+    At the step S of the checkpoint a run resumed from, some rows were logged before the checkpoint
+    was written (the diagnostics probe of step S: the resumed run does not log it again) and some
+    after it (Lightning's training row labelled S, the gradient norms read at S: logged again).
+    ``trim_metrics_after(path, S)`` keeps both kinds; only their keys tell them apart. An
+    uninterrupted run never logs two rows with the same step and keys, so this changes nothing else.
+    """
+    fields, rows = _read_rows(path)
+    identity = [(int(float(r["step"])), frozenset(k for k, v in r.items() if v != "")) for r in rows]
+    last = {key: i for i, key in enumerate(identity)}
+    if len(last) < len(rows):
+        _write_rows(path, fields, [r for i, r in enumerate(rows) if last[identity[i]] == i])
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames or [], [r for r in reader if int(float(r["step"])) <= step]
-    with path.open("w", newline="") as f:
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _write_rows(path: Path, fields: list[str], rows: list[dict[str, str]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+    tmp.replace(path)  # atomic: a kill while rewriting never leaves half a file
