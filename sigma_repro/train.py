@@ -137,7 +137,6 @@ def build_trainer(cfg: DictConfig, out: Path, loggers: list):
 def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Fit one configured run in ``out``; returns the summary (status finished or diverged)."""
     import lightning as L
-    import torch
 
     from sigma_repro.loggers import trim_metrics_after
 
@@ -161,13 +160,16 @@ def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
     group = HydraConfig.get().runtime.choices.get("experiment") or "default"
     last = out / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if last.exists() else None
-    if ckpt_path:
-        trim_metrics_after(out / "metrics.csv", torch.load(last, map_location="cpu", weights_only=True)["global_step"])
+    resumed = checkpoint_meta(last) if ckpt_path else None
+    if resumed and is_rank_zero():
+        trim_metrics_after(out / "metrics.csv", resumed["global_step"])
         print(f"sigma-repro: resuming from {last}", flush=True)
     loggers = build_loggers(cfg, out, run_name, group)
     for lg in loggers[1:]:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer = build_trainer(cfg, out, loggers)
+    if resumed:
+        check_resume_world_size(resumed, trainer.world_size, last)
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = scalar_metrics(trainer)
     if task.diverged_step is None and task.last_val_step != trainer.global_step:
@@ -180,6 +182,7 @@ def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "diverged_step": task.diverged_step,
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,
+        "world_size": trainer.world_size,
         "loss_spikes": task.loss_spikes(),
         "metrics": metrics,
         "wandb_run_id": wandb_run_id(run_name) if cfg.logger.get("wandb", {}).get("enabled") else None,
@@ -245,9 +248,68 @@ def print_summary(summary: dict[str, Any], out: Path, *, stored: bool = False) -
     print("\n".join(lines), flush=True)
 
 
+def checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The global step and world size ``path`` was saved at, read without loading its tensors: they
+    are memory-mapped and never touched (a full load reads gigabytes per rank at ViT-L size)."""
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {"global_step": ckpt["global_step"], "world_size": ckpt.get("sigma_repro", {}).get("world_size")}
+
+
+def check_resume_world_size(saved: dict[str, Any], world_size: int, last: Path) -> None:
+    """Refuse to resume on another number of processes than the checkpoint's run used.
+
+    The world size is not in the run identity (``trainer.devices`` and ``trainer.num_nodes`` stay out
+    of the job dir), but it sets the global batch and each rank's shard of the data: a resume with
+    another one would silently continue a different experiment. Checkpoints older than the world
+    size record (``saved["world_size"] is None``) are not checked."""
+    if saved["world_size"] not in (None, world_size):
+        raise ConfigError(
+            f"{last} was saved by a run on {saved['world_size']} processes (trainer.devices x trainer.num_nodes); "
+            f"this launch has {world_size}. The process count sets the global batch and the data sharding, so "
+            f"resuming would continue a different experiment. Relaunch with trainer.devices x trainer.num_nodes = "
+            f"{saved['world_size']}, or start a new run dir (hydra.run.dir=<new dir>)."
+        )
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0, known before Lightning sets up its strategy.
+
+    Rank 0 alone writes to the run dir. How the other ranks come to exist, and what tells them apart:
+    - ``trainer.strategy=ddp`` on one node: Lightning's launcher re-runs this command for local ranks
+      1.. with ``LOCAL_RANK`` (and ``NODE_RANK``, ``WORLD_SIZE``) set and ``hydra.run.dir`` pinned to
+      rank 0's run dir (``lightning/fabric/strategies/launchers/subprocess_script.py``); rank 0 gets
+      ``LOCAL_RANK=0`` only once ``Trainer.fit`` starts. On other nodes ``NODE_RANK`` > 0.
+    - SLURM, one task per device: every task runs this command; ``SLURM_PROCID`` is the global rank.
+    - torchrun: ``RANK``.
+    """
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    env = os.environ
+    if "RANK" in env:
+        return env["RANK"] == "0"
+    if SLURMEnvironment.detect():
+        return env.get("SLURM_PROCID", "0") == "0"
+    return env.get("NODE_RANK", "0") == "0" and env.get("LOCAL_RANK", "0") == "0"
+
+
+def run_other_rank(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """Rank > 0 of a multi-process run: it trains beside rank 0 (the collectives need every rank) and
+    writes nothing to the run dir; summary.json, DONE.json, the launch count, metrics.csv and
+    checkpoints are rank 0's. Errors propagate: a rank that fails ends the whole run."""
+    if (out / DONE).exists():  # SLURM starts every rank: all of them skip a finished run together
+        return json.loads((out / SUMMARY).read_text())
+    return train(cfg, out)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run (or skip, or resume) the job whose dir Hydra chose; always leaves a summary.json."""
+    """Run (or skip, or resume) the job whose dir Hydra chose; always leaves a summary.json.
+
+    Only global rank 0 writes to the run dir (``is_rank_zero``); other ranks go to ``run_other_rank``."""
     out = Path(HydraConfig.get().runtime.output_dir)
+    if not is_rank_zero():
+        return run_other_rank(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     if (out / DONE).exists():
         summary = json.loads((out / SUMMARY).read_text())

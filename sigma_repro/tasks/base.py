@@ -27,6 +27,11 @@ def count_loss_spikes(losses: list[float], *, window: int = 20, factor: float = 
     return spikes
 
 
+# Seed offset between DDP ranks in ``on_train_batch_start``: a prime above ``seed * 1_000_003 + step`` for
+# every seed < 999_000 and step < 1_000_003, so no two such (seed, step, rank) share a seed.
+RANK_SEED_STRIDE = 1_000_000_000_039
+
+
 class StabilityTask(L.LightningModule):
     """Base LightningModule: subclasses implement ``compute_loss(batch, stage) -> (loss, logs)``
     and ``probe_inputs(n) -> (args, kwargs)`` (the fixed batch the diagnostics probe)."""
@@ -62,23 +67,36 @@ class StabilityTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Dropout/drop-path randomness is a function of (seed, step), so a run resumed from any
-        # checkpoint draws exactly what the uninterrupted run drew.
-        torch.manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+        # Dropout/drop-path randomness is a function of (seed, step, rank), so a run resumed from any
+        # checkpoint draws exactly what the uninterrupted run drew, and each DDP rank draws its own
+        # masks. Rank 0's seed is the single-process one, so one-device results do not change.
+        torch.manual_seed(self.hparams.seed * 1_000_003 + self.global_step + self.global_rank * RANK_SEED_STRIDE)
 
     def training_step(self, batch: Any, batch_idx: int):
         loss, logs = self.compute_loss(batch, "train")
-        if not torch.isfinite(loss):
+        # All ranks take the same branch: one rank skipping backward while the others all-reduce
+        # gradients would hang DDP. A single-process strategy's reduce is the identity.
+        nonfinite_ranks = self.trainer.strategy.reduce((~torch.isfinite(loss.detach())).float(), reduce_op="sum")
+        if nonfinite_ranks > 0:
             # Divergence ends the run cleanly: no optimizer step, the trainer stops after this batch.
             self.diverged_step = self.global_step
             self.trainer.should_stop = True
             self.log("train/diverged", 1.0, on_step=True)
-            return None
+            if self.trainer.world_size == 1:
+                return None
+            # Lightning refuses a skipped step under DDP, and every rank must run the backward (it
+            # all-reduces the gradients): a loss whose gradients are exactly zero, which
+            # on_after_backward then drops, so the optimizer leaves every parameter as it was.
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         self.train_losses.append(loss.item())
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)
         return loss
+
+    def on_after_backward(self) -> None:
+        if self.diverged_step == self.global_step:  # the diverged step's zero gradients (DDP only)
+            self.zero_grad(set_to_none=True)  # optimizers skip parameters without a gradient
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         loss, logs = self.compute_loss(batch, "val")
@@ -104,7 +122,9 @@ class StabilityTask(L.LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["sigma_repro"] = {"train_losses": list(self.train_losses), "diverged_step": self.diverged_step}
+        # world_size: the global batch and the data sharding depend on it, so a resume must match it.
+        checkpoint["sigma_repro"] = {"train_losses": list(self.train_losses), "diverged_step": self.diverged_step,
+                                     "world_size": self.trainer.world_size}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("sigma_repro", {})
