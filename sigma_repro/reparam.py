@@ -6,9 +6,8 @@ which keeps training stable without warmup, weight decay or LayerNorm.
 
 What this module touches: it adds a `SigmaReparam` parametrization
 (`torch.nn.utils.parametrize`) to each eligible weight of a model built elsewhere (no module
-hooks), and, process-wide at import, one optimizer step post-hook that bumps the version counters
-of parameters a fused torch optimizer (fused=True) updated, since those kernels do not (see Power
-iteration). The existing weights are kept (unlike the official converter, which re-initialises
+hooks), and, process-wide at import, one optimizer step post-hook that counts the steps of every
+torch optimizer (see When the step runs). The existing weights are kept (unlike the official converter, which re-initialises
 them), so apply it after custom init or checkpoint loading and before the optimizer,
 torch.compile and DDP.
 
@@ -35,21 +34,24 @@ step (`power_iters` iterations, default 1, in at least fp32 with autocast off) f
 of W. One step per update lets σ lag when the top two singular values of a matrix are close:
 `sigma_tracking_error` measures the lag, a larger `power_iters` shrinks it.
 
-When the step runs: lazily, at the first training-mode read of Ŵ after W changed in place,
-detected by W's version counter (`Tensor._version`, bumped by every in-place write: optimizer
-steps, `load_state_dict`, DDP's broadcast at construction; fused torch optimizers bump nothing,
-so the hook above does it for them). So σ moves once per optimizer step whichever entry point the
-forward used (`model(x)`, `model.forward_features(x)`, a probe), however often W is read
-(nn.MultiheadAttention reads `in_proj_weight` three times per forward), and however many
+When the step runs: lazily, at the first training-mode read of Ŵ after an optimizer step. The
+post-hook counts the steps of every torch.optim.Optimizer (fused ones, timm's, Lightning's
+wrapped ones alike; a step GradScaler skips is no update and is not counted), and each
+parametrization remembers the count at its last fit. So σ moves once per optimizer step whichever
+entry point the forward used (`model(x)`, `model.forward_features(x)`, a probe), however often W
+is read (nn.MultiheadAttention reads `in_proj_weight` three times per forward), and however many
 forwards share one update (gradient accumulation, SSL views). The first training read after
-`apply_sigma_reparam` does not step (u, v fit that W); eval-mode reads never step. An optimizer
-that writes through `.data` bumps nothing either: call `power_step(model)` after its step.
+`apply_sigma_reparam` does not step (u, v fit that W); eval-mode reads never step; loading a
+state dict makes the next training read step, so resuming from a checkpoint saved after an
+optimizer step repeats the uninterrupted run exactly. Any torch optimizer's step counts, also
+one that does not hold W: at worst an extra step refines σ of an unchanged W. Not noticed: a W
+changed without a torch optimizer (written by hand, an EMA teacher): call `power_step(model)`
+after such an update.
 The step is a custom op (`sigma_repro::power_step_if_stale`), opaque to torch.compile: the
-compiled graph holds it as one node, with no graph break, and reads the version when it runs.
-The step depends only on W and u, v, so DDP ranks that start equal (same seed, or parameters
-synced at DDP construction) stay identical without syncing buffers every forward, and resuming
-from a checkpoint saved after an optimizer step repeats the uninterrupted run exactly (loading W
-bumps its version as the optimizer step did).
+compiled graph holds it as one node, with no graph break, and it compares the counts when it
+runs. (W's own version counter cannot serve: inductor hands the op a re-laid-out copy of a conv
+kernel.) The step depends only on W and u, v, so DDP ranks that start equal (same seed, or
+parameters synced at DDP construction) stay identical without syncing buffers every forward.
 
 Dtypes: u, v, σ and γ are created in at least fp32 (fp64 for a float64 W); `model.to(dtype)`
 casts them with the weights. σ and γ/σ are computed in at least fp32 whatever dtype they then
@@ -117,33 +119,38 @@ def _power_iterations(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, si
         sigma.copy_(_sigmas(blocks, us, vs))
 
 
-def _bump_versions_after_fused_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Fused torch optimizers (fused=True) write parameters without bumping their version
-    counters, which the lazy power step reads: bump them after the step."""
-    fused = [p for group in optimizer.param_groups if group.get("fused") for p in group["params"]]
-    if fused:
-        torch.autograd.graph.increment_version(fused)
+# Optimizer steps taken in this process: every torch optimizer's step bumps it (post-hook below).
+_OPTIMIZER_STEPS = torch.zeros((), dtype=torch.int64)
 
 
-register_optimizer_step_post_hook(_bump_versions_after_fused_step)
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS.add_(1)
 
 
-@torch.library.custom_op("sigma_repro::power_step_if_stale", mutates_args=("u", "v", "sigma", "stepped_version"))
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+@torch.library.custom_op("sigma_repro::power_step_if_stale", mutates_args=("u", "v", "sigma", "fitted_at"))
 def _power_step_if_stale(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
-                         stepped_version: torch.Tensor, split_sizes: list[int], iters: int) -> None:
-    """The lazy power step: iterate when W's version counter moved since the last step.
+                         fitted_at: torch.Tensor, optimizer_steps: torch.Tensor, split_sizes: list[int],
+                         iters: int) -> None:
+    """The lazy power step: iterate when an optimizer step was taken since u, v were last fitted.
 
-    A custom op so that torch.compile keeps it as one opaque node and the version is read when the
-    graph runs (traced, `_version` would be frozen at compile time or break the graph).
+    A custom op, so that torch.compile keeps it as one opaque node that compares the counts when
+    the graph runs; only values are read, as the compiled graph may hand it copies of its inputs.
     """
-    if weight._version != stepped_version.item():
+    if fitted_at.item() != optimizer_steps.item():
         _power_iterations(weight, u, v, sigma, split_sizes, iters)
-        stepped_version.fill_(weight._version)
+        fitted_at.copy_(optimizer_steps)
 
 
 @_power_step_if_stale.register_fake
-def _(weight, u, v, sigma, stepped_version, split_sizes, iters) -> None:
+def _(weight, u, v, sigma, fitted_at, optimizer_steps, split_sizes, iters) -> None:
     return None
+
+
+def _stale_after_load(reparam: SigmaReparam, incompatible_keys) -> None:
+    reparam.fitted_at.fill_(-1)  # W and u, v came from a checkpoint: the next training read steps
 
 
 class SigmaReparam(nn.Module):
@@ -170,9 +177,10 @@ class SigmaReparam(nn.Module):
         self.register_buffer("v", torch.empty(rows, **kw))
         self.register_buffer("sigma", torch.empty(n, **kw))
         self.gamma = nn.Parameter(torch.empty(n, **kw), requires_grad=not stats_only)
-        # W's version counter when u, v were last fitted to it. A CPU tensor and no buffer: the
-        # step reads it without a device sync, and a checkpoint has no use for it.
-        self.stepped_version = torch.tensor(-1)
+        # _OPTIMIZER_STEPS when u, v were last fitted to W. A CPU tensor and no buffer: the step
+        # reads it without a device sync, and a checkpoint has no use for it.
+        self.fitted_at = torch.tensor(-1)
+        self.register_load_state_dict_post_hook(_stale_after_load)
         self.reset(weight)
 
     def extra_repr(self) -> str:
@@ -190,20 +198,16 @@ class SigmaReparam(nn.Module):
             self.gamma.copy_(self.sigma)
         else:
             self.gamma.fill_(float(self.gamma_init))
-        self.mark_fitted(weight)
-
-    def mark_fitted(self, weight: torch.Tensor) -> None:
-        """Record that u, v fit W as it is now: the next training read does not step."""
-        self.stepped_version.fill_(weight._version)
+        self.fitted_at.copy_(_OPTIMIZER_STEPS)
 
     def power_step(self, weight: torch.Tensor) -> None:
         """`power_iters` power iterations on W, whether or not W changed since the last step."""
         _power_iterations(weight.detach(), self.u, self.v, self.sigma, self.split_sizes, self.power_iters)
-        self.mark_fitted(weight)
+        self.fitted_at.copy_(_OPTIMIZER_STEPS)
 
     def step_if_stale(self, weight: torch.Tensor) -> None:
-        """`power_iters` power iterations if W changed in place since the last step, else nothing."""
-        _power_step_if_stale(weight.detach(), self.u, self.v, self.sigma, self.stepped_version,
+        """`power_iters` power iterations if an optimizer step was taken since the last fit, else nothing."""
+        _power_step_if_stale(weight.detach(), self.u, self.v, self.sigma, self.fitted_at, _OPTIMIZER_STEPS,
                              self.split_sizes, self.power_iters)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -396,11 +400,7 @@ def apply_sigma_reparam(model: nn.Module, *, gamma_init: str | float = "sigma", 
     for t in selected:
         reparam = SigmaReparam(getattr(t.module, t.tensor_name), split_sizes=t.split_sizes,
                                gamma_init=gamma_init, stats_only=stats_only, power_iters=power_iters)
-        # unsafe: no trial read of Ŵ (in training mode it would take a power step); Ŵ keeps W's
-        # shape and dtype by construction.
-        parametrize.register_parametrization(t.module, t.tensor_name, reparam, unsafe=True)
-        # Registration re-sets the Parameter's storage (a version bump); u, v still fit W exactly.
-        reparam.mark_fitted(t.module.parametrizations[t.tensor_name].original)
+        parametrize.register_parametrization(t.module, t.tensor_name, reparam)
     return model
 
 
