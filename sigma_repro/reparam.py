@@ -7,9 +7,9 @@ which keeps training stable without warmup, weight decay or LayerNorm.
 What this module touches: it adds a `SigmaReparam` parametrization
 (`torch.nn.utils.parametrize`) to each eligible weight of a model built elsewhere (no module
 hooks), and, process-wide at import, one optimizer step post-hook that counts the steps of every
-torch optimizer (see When the step runs). The existing weights are kept (unlike the official converter, which re-initialises
-them), so apply it after custom init or checkpoint loading and before the optimizer,
-torch.compile and DDP.
+torch optimizer (see When the step runs). The existing weights are kept (unlike the official
+converter, which re-initialises them), so apply it after custom init or checkpoint loading and
+before the optimizer, torch.compile and DDP.
 
 Eligible weights: `nn.Linear` (also MultiheadAttention's `out_proj`), `nn.Conv1d/2d/3d`
 (grouped and depthwise included; a kernel (out, in/groups, k...) is read as an
@@ -160,7 +160,8 @@ class SigmaReparam(nn.Module):
     [d, d, d] separate); each block is scaled by its own γ_i/σ_i. State (at least fp32):
     u (n_splits, cols) right and v (rows,) left singular vectors (v concatenated over blocks),
     sigma (n_splits,) the tracked σ for logging, gamma (n_splits,) the learned scale.
-    `power_iters` power iterations follow each in-place update of W (see the module docstring).
+    `power_iters` power iterations follow each optimizer step, at the next training read (see the
+    module docstring).
     With `stats_only` the forward returns W unchanged and γ is frozen: σ is only tracked.
     """
 
@@ -201,12 +202,12 @@ class SigmaReparam(nn.Module):
         self.fitted_at.copy_(_OPTIMIZER_STEPS)
 
     def power_step(self, weight: torch.Tensor) -> None:
-        """`power_iters` power iterations on W, whether or not W changed since the last step."""
+        """`power_iters` power iterations on W, whether or not an optimizer stepped since the last fit."""
         _power_iterations(weight.detach(), self.u, self.v, self.sigma, self.split_sizes, self.power_iters)
         self.fitted_at.copy_(_OPTIMIZER_STEPS)
 
     def step_if_stale(self, weight: torch.Tensor) -> None:
-        """`power_iters` power iterations if an optimizer step was taken since the last fit, else nothing."""
+        """`power_iters` power iterations if an optimizer stepped since the last fit, else nothing."""
         _power_step_if_stale(weight.detach(), self.u, self.v, self.sigma, self.fitted_at, _OPTIMIZER_STEPS,
                              self.split_sizes, self.power_iters)
 
@@ -215,7 +216,8 @@ class SigmaReparam(nn.Module):
             self.step_if_stale(weight)
         if self.stats_only:
             return weight
-        # Clones: an explicit power_step() between this forward and its backward updates u, v in place.
+        # Clones: a step between this forward and its backward (power_step(), sigma_tracking_error)
+        # updates u, v in place.
         u, v = self.u.clone(), self.v.clone()
         with torch.autocast(weight.device.type, enabled=False):
             blocks = _blocks(weight, self.split_sizes)

@@ -1,5 +1,6 @@
 """σReparam plugin: every property checked against an independent computation (SVD norms,
-hand-written power steps and formulas), on tiny timm ViTs and nn.MultiheadAttention models."""
+hand-written power steps and formulas, counted power steps), on tiny timm ViTs, GPT-like and
+nn.MultiheadAttention models."""
 
 import copy
 import math
