@@ -430,7 +430,7 @@ def gamma_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def power_step(model: nn.Module) -> None:
-    """`power_iters` power iterations on every σReparam weight of `model`, whether or not W changed.
+    """`power_iters` power iterations on every σReparam weight of `model`, whether or not one is due.
 
     Training reads step by themselves; this is for explicit refreshes (e.g. before logging σ).
     """
@@ -442,8 +442,8 @@ def sigma_tracking_error(model: nn.Module) -> dict[str, float]:
     """(σ(W) − tracked σ) / σ(W) per reparameterised matrix and row block, σ(W) by exact SVD.
 
     Keys as `split_names` gives them ("blocks.0.attn.qkv.weight.1" for the v block under qk_v).
-    A pending step (W changed since the last one) is taken first, so the error is that of the σ the
-    next training forward uses; that step moves earlier, none is added.
+    A pending step (an optimizer stepped since the last fit) is taken first, so the error is that
+    of the σ the next training forward uses; that step moves earlier, none is added.
     """
     errors = {}
     for module_name, module, tensor_name, reparam in _parametrized(model):
