@@ -582,7 +582,7 @@ def test_power_iters_follow_close_top_singular_values():
 
     one, four = measured(1), measured(4)
     assert one == pytest.approx(predicted(1), rel=1e-6) and four == pytest.approx(predicted(4), rel=1e-6)
-    assert 6e-3 < one < 1 - s2 / s1 and four < 3e-4  # measured: 6.6e-3 and 2.8e-4
+    assert 5e-3 < one < 1 - s2 / s1 and four < 3e-4  # measured: 6.1e-3 and 2.8e-4, 22x apart
     with pytest.raises(ConfigError, match="power_iters must be an integer >= 1"):
         apply_sigma_reparam(nn.Linear(3, 3), power_iters=0)
 
