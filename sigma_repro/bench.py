@@ -276,13 +276,13 @@ def _fit_digits(args: argparse.Namespace, device: torch.device, callbacks: list,
     L.seed_everything(0, verbose=False)
     data = DigitsDataModule(batch_size=args.batch_size, seed=0)
     overrides = {k: v for k, v in (("patch_size", args.patch_size), ("depth", args.depth)) if v is not None}
-    model = hydra.utils.instantiate(OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml"), img_size=data.image_size,
-                                    in_chans=data.channels, num_classes=data.num_classes, **overrides)
+    model = hydra.utils.instantiate(OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml"), **data.model_kwargs,
+                                    **overrides)
     if args.reparam:
         apply_sigma_reparam(model)
     config = {group: OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{name}.yaml"))
               for group, name in (("optim", "adamw"), ("schedule", "constant"))}
-    task = ClassificationTask(model, num_classes=data.num_classes, **config)
+    task = ClassificationTask(model, **data.task_kwargs, **config)
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=steps, max_epochs=-1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

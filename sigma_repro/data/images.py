@@ -7,7 +7,8 @@
 | ``cifar10``      | ``CIFAR10DataModule``     | 50,000 / 10,000, 32x32 RGB  | the python-pickle batches        |
 | ``imagenet``     | ``ImageNetDataModule``    | 1.28M / 50,000, RGB, 1000   | ImageFolder tree of JPEGs        |
 
-Each exposes ``num_classes``, ``image_size`` (square side), ``channels``, ``train_dataloader()``,
+Each exposes ``num_classes``, ``image_size`` (square side), ``channels`` (published to the ViT as
+``model_kwargs`` and to the task as ``task_kwargs``, see ``sigma_repro.data.base``), ``train_dataloader()``,
 ``val_dataloader()`` (the held-out split the paper reports on) and ``probe_batch(n)``, a fixed
 batch of validation images for the diagnostics. Files are read, and checked, in the constructor:
 a missing or malformed data set raises ``ConfigError`` before any compute, naming the path and the
@@ -21,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
@@ -31,13 +31,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
+from sigma_repro.data.base import StabilityDataModule
 from sigma_repro.data.sampling import ResumableDataLoader, ResumableSampler, SeededView
 from sigma_repro.errors import ConfigError
 
 FASHION_MNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 
 
-class ImageClassificationDataModule(pl.LightningDataModule):
+class ImageClassificationDataModule(StabilityDataModule):
     """What every image DataModule shares: the loaders, the probe batch and the attributes.
 
     A subclass reads its data and passes ``train_set`` (index -> (image, label); its transform may
@@ -68,6 +69,14 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.train_set, self.val_set = train_set, val_set
         self.num_classes, self.image_size, self.channels = num_classes, image_size, channels
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+
+    @property
+    def model_kwargs(self) -> dict[str, int]:
+        return {"img_size": self.image_size, "in_chans": self.channels, "num_classes": self.num_classes}
+
+    @property
+    def task_kwargs(self) -> dict[str, int]:
+        return {"num_classes": self.num_classes}
 
     def _loader_options(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,35 @@
+"""What the training app needs from every DataModule, whatever the family.
+
+The app never knows the shape of a family's data: a DataModule publishes the constructor arguments
+its data fixes for the model (``model_kwargs``: image size and classes, vocabulary size, feature
+dimension...) and for the task (``task_kwargs``), and the app passes them on unread. A new family
+adds a DataModule, a model and a task, and touches no line of ``sigma_repro/train.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+
+
+class StabilityDataModule(pl.LightningDataModule):
+    """Base of every DataModule the app instantiates (``data=<name>``).
+
+    Subclasses read and check their files in the constructor (a ``ConfigError`` before any compute),
+    and implement ``model_kwargs``, ``task_kwargs`` and ``probe_batch(n)`` (the fixed batch the
+    diagnostics probe, in whatever form the family's task turns into model inputs).
+    """
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments the data fixes for the model config's ``_target_``."""
+        raise NotImplementedError
+
+    @property
+    def task_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments the data fixes for the task config's ``_target_``."""
+        raise NotImplementedError
+
+    def probe_batch(self, n: int) -> Any:
+        raise NotImplementedError
