@@ -22,23 +22,27 @@ from sigma_repro.reparam import gamma_parameters
 
 
 def parameter_groups(
-    model: nn.Module,
+    module: nn.Module,
     *,
     lr: float,
     weight_decay: float,
     gamma_lr_mult: float = 1.0,
     gamma_weight_decay: bool = False,
 ) -> list[dict[str, Any]]:
-    """Split parameters into the usual decay / no-decay groups plus a γ group.
+    """Split every trainable parameter of ``module`` into decay / no-decay groups plus a γ group.
 
-    Matrices (ndim >= 2) decay; biases, norm scales and the tokens timm lists in
-    ``model.no_weight_decay()`` (pos_embed, cls_token) do not. σReparam's γ gets ``lr * gamma_lr_mult``
-    and decays only when ``gamma_weight_decay`` is set. Empty groups are dropped.
+    ``module`` is what trains: a task passes itself, so heads and losses with parameters that live on
+    the task (projection heads, CTC layers) train with the model. Matrices (ndim >= 2) decay; biases,
+    norm scales and the tokens any submodule lists in ``no_weight_decay()`` (timm: pos_embed, cls_token)
+    do not. σReparam's γ gets ``lr * gamma_lr_mult`` and decays only when ``gamma_weight_decay`` is set.
+    Empty groups are dropped.
     """
-    gamma_ids = {id(p) for p in gamma_parameters(model)}
-    skip = set(getattr(model, "no_weight_decay", lambda: ())())
+    gamma_ids = {id(p) for p in gamma_parameters(module)}
+    skip = {f"{prefix}.{name}" if prefix else name
+            for prefix, sub in module.named_modules() if callable(getattr(sub, "no_weight_decay", None))
+            for name in sub.no_weight_decay()}
     decay, no_decay, gamma = [], [], []
-    for name, p in model.named_parameters():
+    for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         if id(p) in gamma_ids:
@@ -61,17 +65,17 @@ def parameter_groups(
 
 
 def build_optimizer(
-    model: nn.Module,
+    module: nn.Module,
     optim: dict[str, Any],
     *,
     gamma_lr_mult: float = 1.0,
     gamma_weight_decay: bool = False,
 ) -> torch.optim.Optimizer:
-    """Instantiate the ``optim`` config (``_target_``, ``lr``, ``weight_decay``, ...) on the model's groups."""
+    """Instantiate the ``optim`` config (``_target_``, ``lr``, ``weight_decay``, ...) on ``module``'s groups."""
     cfg = dict(optim)
     lr, weight_decay = float(cfg["lr"]), float(cfg.get("weight_decay", 0.0))
     groups = parameter_groups(
-        model,
+        module,
         lr=lr,
         weight_decay=weight_decay,
         gamma_lr_mult=gamma_lr_mult,

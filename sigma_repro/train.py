@@ -32,6 +32,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from sigma_repro import provenance
+from sigma_repro.config import CONF_DIR
 from sigma_repro.errors import ConfigError
 from sigma_repro.slurm import finish_wandb, trainer_plugins
 
@@ -40,11 +41,12 @@ SUMMARY, DONE = "summary.json", "DONE.json"
 
 # -- run metadata ---------------------------------------------------------------------------------
 def run_tags(cfg: DictConfig) -> list[str]:
-    """Filterable W&B tags: optimizer, warmup, reparam, norm, model, data (the cell is the W&B group)."""
+    """Filterable W&B tags: task, scale, optimizer, warmup, reparam, norm, model, data (the cell is the
+    W&B group). At scale=proxy the model and data choices are "proxy" (the family's proxy sizes)."""
     choices = HydraConfig.get().runtime.choices
-    norms = "no-norm" if cfg.reparam.get("remove_norms") else "norm"
     warmup = "warmup" if cfg.schedule.warmup_steps > 0 else "no-warmup"
-    return [f"optim:{choices.get('optim')}", warmup, f"reparam:{cfg.reparam.name}", norms,
+    return [f"task:{choices.get('task')}", f"scale:{choices.get('scale') or 'full'}", f"optim:{choices.get('optim')}",
+            warmup, f"reparam:{cfg.reparam.name}", f"norm:{cfg.model.get('norm', 'none')}",
             f"model:{choices.get('model')}", f"data:{choices.get('data')}", *cfg.logger.wandb.get("extra_tags", [])]
 
 
@@ -78,20 +80,11 @@ def validate_config(cfg: DictConfig) -> None:
 
 # -- building blocks ------------------------------------------------------------------------------
 def build_model(cfg: DictConfig, datamodule):
-    """Model from config with shapes from the data, then the reparam plugin (before the optimizer)."""
-    from sigma_repro import reparam as rp
-
-    model = hydra.utils.instantiate(
-        cfg.model, img_size=datamodule.image_size, in_chans=datamodule.channels, num_classes=datamodule.num_classes
-    )
-    reparam = OmegaConf.to_container(cfg.reparam, resolve=True)
-    if reparam["name"] == "none":
-        if reparam["remove_norms"]:
-            rp.remove_norm_layers(model)
-        return model
-    # every other key is a plugin option (an unknown one fails loudly); γ's optimizer settings go to the task
-    not_plugin = ("name", "gamma_lr_mult", "gamma_weight_decay")
-    return rp.apply_sigma_reparam(model, **{k: v for k, v in reparam.items() if k not in not_plugin})
+    """The model from config with what the data fixes (``datamodule.model_kwargs``), then the model
+    converter of the ``reparam`` group (before the optimizer); returns (model, converter)."""
+    model = hydra.utils.instantiate(cfg.model, **datamodule.model_kwargs)
+    converter = hydra.utils.instantiate(cfg.reparam, _convert_="all")
+    return converter.convert(model), converter
 
 
 def build_loggers(cfg: DictConfig, out: Path, run_name: str, group: str) -> list:
@@ -143,15 +136,14 @@ def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
     validate_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data, seed=cfg.seed)  # validates data paths first
-    model = build_model(cfg, datamodule)
+    model, converter = build_model(cfg, datamodule)
     # The task gets plain dicts (not DictConfig): they land in checkpoints loaded with weights_only=True.
     task = hydra.utils.instantiate(cfg.task, _partial_=True, _convert_="all")(
         model=model,
-        num_classes=datamodule.num_classes,
+        **datamodule.task_kwargs,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
-        gamma_lr_mult=cfg.reparam.get("gamma_lr_mult", 1.0),
-        gamma_weight_decay=cfg.reparam.get("gamma_weight_decay", False),
+        **converter.optimizer_options(),
         seed=cfg.seed,
     )
     runs_dir, job_dir = Path(cfg.paths.runs_dir).resolve(), out.resolve()
@@ -184,6 +176,7 @@ def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "epochs": trainer.current_epoch,
         "world_size": trainer.world_size,
         "loss_spikes": task.loss_spikes(),
+        "headline_metric": {"name": task.headline_metric, "higher_is_better": task.higher_is_better},
         "metrics": metrics,
         "wandb_run_id": wandb_run_id(run_name) if cfg.logger.get("wandb", {}).get("enabled") else None,
     }
@@ -211,7 +204,7 @@ def entropy_summary(trainer) -> dict[str, Any]:
     probe = next((c for c in trainer.callbacks if isinstance(c, AttentionDiagnostics)), None)
     if probe is None or not probe.history["steps"]:
         return {}
-    per_layer = np.nanmean(np.asarray(probe.history["entropy"], dtype=float), axis=-1)  # (steps, layers)
+    per_layer = np.nanmean(np.asarray(probe.history["attention_entropy"], dtype=float), axis=-1)  # (steps, layers)
     return {"attention_entropy": {"layers": list(probe.history["layers"]),
                                   "final": per_layer[-1].round(5).tolist(), "min": per_layer.min(0).round(5).tolist()}}
 
@@ -233,6 +226,10 @@ def print_summary(summary: dict[str, Any], out: Path, *, stored: bool = False) -
         lines.append(f"  diverged at step {summary['diverged_step']}")
     if summary.get("error"):
         lines.append(f"  error: {summary['error']}")
+    headline = summary.get("headline_metric")
+    if headline and headline["name"] in summary.get("metrics", {}):
+        better = "higher" if headline["higher_is_better"] else "lower"
+        lines.append(f"  headline    {headline['name']} {summary['metrics'][headline['name']]:.4f} ({better} is better)")
     for key in sorted(summary.get("metrics", {})):
         if key.startswith(("val/", "train/loss")):
             lines.append(f"  {key:28s} {summary['metrics'][key]:.4f}")
@@ -361,7 +358,7 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used.*")
 
 
-@hydra.main(version_base="1.3", config_path=str(sys.modules["sigma_repro.config"].CONF_DIR), config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> dict[str, Any]:
     quiet_third_party()
     return run(cfg)

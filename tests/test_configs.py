@@ -123,3 +123,31 @@ def test_demo_experiments_differ_only_in_reparam():
     assert plain["reparam"]["name"] == "none" and sigma["reparam"]["name"] == "sigma"
     plain.pop("reparam"), sigma.pop("reparam")
     assert plain == sigma
+
+
+def test_vit_norm_none_is_the_no_ln_model_of_the_committed_results():
+    """model.norm=none builds timm's ViT with identity norms: the same parameters, the same random
+    draws and the same function as the old way (build, then swap every norm layer for nn.Identity),
+    so the committed no-LN proxy results stay reproducible; model.norm=post is refused."""
+    import torch
+    from torch import nn
+
+    from sigma_repro.errors import ConfigError
+    from sigma_repro.models.vit import build_vit
+
+    shape = dict(img_size=8, in_chans=1, num_classes=10, patch_size=2, embed_dim=32, depth=2, num_heads=4)
+    torch.manual_seed(0)
+    old = build_vit(**shape)
+    for module in list(old.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.LayerNorm):
+                setattr(module, name, nn.Identity())
+    torch.manual_seed(0)
+    new = build_vit(**shape, norm="none")
+    assert not any(isinstance(m, nn.LayerNorm) for m in new.modules())
+    a, b = old.state_dict(), new.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(old(x), new(x))
+    with pytest.raises(ConfigError, match="timm's ViT is pre-LN"):
+        build_vit(**shape, norm="post")

@@ -167,13 +167,14 @@ def test_wandb_offline_and_tensorboard_runs_have_identity_group_and_tags(tmp_pat
                                capture_output=True, text=True, timeout=120)
     record = json.loads(inspected.stdout)
     assert record["state"] == "finished"
-    assert {"optim:sgd", "no-warmup", "reparam:none", "norm"} <= set(record["tags"])
+    assert {"task:classification", "scale:full", "optim:sgd", "no-warmup", "reparam:none", "norm:pre",
+            "model:vit_digits", "data:digits"} <= set(record["tags"])
     assert "train/loss" in record["summary"]
 
 
 def test_run_whose_weights_blow_up_is_not_failed_by_its_diagnostics(tmp_path):
     # No-LN ViT under SGD at a huge rate: weights overflow to inf before the loss turns NaN.
-    train(tmp_path, *FAST, "reparam.remove_norms=true", "optim=sgd", "optim.lr=1e5", "trainer.max_steps=20",
+    train(tmp_path, *FAST, "model.norm=none", "optim=sgd", "optim.lr=1e5", "trainer.max_steps=20",
           "callbacks.diagnostics.every_n_steps=1")
     summary = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
     assert summary["status"] in ("diverged", "finished") and "error" not in summary

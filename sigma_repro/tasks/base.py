@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from sigma_repro.optim import build_optimizer, build_scheduler
@@ -34,7 +35,12 @@ RANK_SEED_STRIDE = 1_000_000_000_039
 
 class StabilityTask(L.LightningModule):
     """Base LightningModule: subclasses implement ``compute_loss(batch, stage) -> (loss, logs)``
-    and ``probe_inputs(n) -> (args, kwargs)`` (the fixed batch the diagnostics probe)."""
+    and ``probe_inputs(n) -> (args, kwargs)`` (the fixed batch the diagnostics probe), and name
+    their headline metric (``headline_metric``, e.g. "val/acc", and ``higher_is_better``): the
+    run summary leads with it and ``sigma-repro compare`` plots it by default."""
+
+    headline_metric: str
+    higher_is_better: bool
 
     def __init__(
         self,
@@ -60,9 +66,14 @@ class StabilityTask(L.LightningModule):
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
+        # The task itself, not only self.model: heads and losses with parameters that live on the task
+        # (SSL projection heads, CTC layers) must train too. Every trainable parameter is in one group.
         optimizer = build_optimizer(
-            self.model, hp.optim, gamma_lr_mult=hp.gamma_lr_mult, gamma_weight_decay=hp.gamma_weight_decay
+            self, hp.optim, gamma_lr_mult=hp.gamma_lr_mult, gamma_weight_decay=hp.gamma_weight_decay
         )
+        rank_zero_info("sigma-repro: optimizer groups " + ", ".join(
+            f"{g['name']} {len(g['params'])} tensors / {sum(p.numel() for p in g['params']):,} parameters"
+            for g in optimizer.param_groups))
         scheduler = build_scheduler(optimizer, hp.schedule, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -15,6 +15,8 @@ from sigma_repro.tasks.base import StabilityTask
 class ClassificationTask(StabilityTask):
     """``model(images) -> logits``; logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``."""
 
+    headline_metric, higher_is_better = "val/acc", True
+
     def __init__(self, model: nn.Module, *, num_classes: int, label_smoothing: float = 0.0, **kwargs: Any):
         super().__init__(model, **kwargs)
         self.save_hyperparameters(ignore=["model"])
