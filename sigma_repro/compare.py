@@ -18,7 +18,6 @@ from pathlib import Path
 from sigma_repro.errors import ConfigError
 from sigma_repro.results import Run, find_runs, metric_curve, runs_root
 
-DEFAULT_METRICS = "train/loss,val/acc,diag/attn_entropy/min"
 DEFAULT_LOGY = "train/loss,val/loss"
 
 
@@ -108,8 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help="run dirs, dirs of run dirs, or filters on the experiment cell, "
                              "e.g. 'vit_optimizers/sgd_*'")
-    parser.add_argument("--metrics", default=DEFAULT_METRICS,
-                        help=f"comma list of metrics.csv columns (default: {DEFAULT_METRICS})")
+    parser.add_argument("--metrics", default=None,
+                        help="comma list of metrics.csv columns (default: train/loss, each run's headline metric, "
+                             "diag/attention_entropy/min)")
     parser.add_argument("--logy", default=DEFAULT_LOGY,
                         help=f"metrics drawn on a log axis (default: {DEFAULT_LOGY}; '' for none)")
     parser.add_argument("--runs-dir", default=None, help="where filters look (default: $SIGMA_REPRO_RUNS, else runs)")
@@ -118,11 +118,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="compare.png", help="the PNG to write (default: compare.png)")
 
 
+def default_metrics(runs: list[Run]) -> list[str]:
+    """train/loss, the headline metric of each run's task (val/acc, val/ppl, ...; runs from before
+    summaries named it: val/acc) and the minimum attention entropy."""
+    headlines = [r.summary.get("headline_metric", {}).get("name", "val/acc") for r in runs]
+    return ["train/loss", *dict.fromkeys(headlines), "diag/attention_entropy/min"]
+
+
 def run(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     runs, unreadable = resolve_runs(args.runs, runs_root(args.runs_dir), args.scale, args.seed)
+    metrics = ([m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics is not None
+               else default_metrics(runs))
     fig, plotted, notes = draw(runs, metrics, frozenset(args.logy.split(",")))
     notes += [f"unreadable, not plotted: {note}" for note in unreadable]
     out = Path(args.out)

@@ -14,8 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from sigma_repro.errors import ConfigError
 from sigma_repro.results import metric_curve
 
@@ -40,9 +38,11 @@ def launch(experiment: str, runs_dir: str, overrides: list[str]) -> Path:
 
 
 def run_row(label: str, run_dir: Path) -> dict:
+    from sigma_repro.diagnostics.callbacks import load_diagnostics
+
     summary = json.loads((run_dir / "summary.json").read_text())
-    diag = np.load(run_dir / "diagnostics.npz")
-    layer_means = diag["entropy"].mean(axis=2)  # (steps, layers): mean over heads
+    diag = load_diagnostics(run_dir / "diagnostics.npz")
+    layer_means = diag["attention_entropy"].mean(axis=2)  # (steps, layers): mean over heads
     return {
         "label": label,
         "status": summary["status"],

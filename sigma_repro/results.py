@@ -28,6 +28,7 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -38,7 +39,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from sigma_repro import provenance
-from sigma_repro.config import CONF_DIR
+from sigma_repro.config import CONF_DIR, user_config_dirs
 from sigma_repro.errors import ConfigError
 
 PAPER_REFERENCE = Path(__file__).resolve().parent.parent / "results" / "paper_reference.yaml"
@@ -160,16 +161,41 @@ def find_runs(where: Path, root: Path | None = None) -> tuple[list[Run], list[st
     return runs, unreadable
 
 
+# Log keys renamed to one name per concept; runs logged before the rename are read under the new name.
+LEGACY_KEY_PREFIXES = {"diag/attention_entropy": "diag/attn_entropy", "diag/attention_logit_norm": "diag/logit_norm"}
+
+
+def _legacy_key(metric: str) -> str | None:
+    for new, old in LEGACY_KEY_PREFIXES.items():
+        if metric.startswith(new):
+            return old + metric[len(new):]
+    return None
+
+
 def metric_curve(run_dir: Path, metric: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of one metric as logged in the run's metrics.csv; empty if it was never logged."""
+    """(steps, values) of one metric as logged in the run's metrics.csv (under its pre-rename key
+    for older runs); empty if it was never logged."""
     with (run_dir / "metrics.csv").open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get(metric)]
+        reader = csv.DictReader(f)
+        if metric not in (reader.fieldnames or []) and _legacy_key(metric) in (reader.fieldnames or []):
+            metric = _legacy_key(metric)
+        rows = [r for r in reader if r.get(metric)]
     return [int(float(r["step"])) for r in rows], [float(r[metric]) for r in rows]
 
 
 # -- the table's expected runs --------------------------------------------------------------------
 def table_names() -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / "table").glob("*.yaml"))
+    return sorted(table_files())
+
+
+def table_files() -> dict[str, Path]:
+    """Every table config, ``conf/table/<name>.yaml`` in the app's configs and in the user's
+    (SIGMA_REPRO_CONFIG_PATH); the app's win on a name clash, as in Hydra's search path."""
+    files: dict[str, Path] = {}
+    for root in [CONF_DIR, *user_config_dirs()]:
+        for path in sorted((root / "table").glob("*.yaml")):
+            files.setdefault(path.stem, path)
+    return files
 
 
 def _values(raw: Any) -> list[str]:
@@ -186,13 +212,64 @@ def _canon(value: Any) -> str:
 
 
 @dataclass
+class Metric:
+    """A summary metric a table reports, and which way is better."""
+
+    name: str
+    higher_is_better: bool
+
+
+@dataclass
 class TableSpec:
-    """What a table expects: cells in row order, other swept keys with their values, seeds."""
+    """What a table expects (cells in row order, other swept keys with their values, seeds) and what
+    it reports (its ``report:`` block: metrics, the first being the headline, and condition columns)."""
 
     name: str
     cells: list[str]
     axes: dict[str, list[str]]
     seeds: list[int]
+    metrics: list[Metric]
+    columns: list[str]
+
+
+def _run_norm(run: Run) -> str:
+    # model.norm (pre | post | none); runs from before that setting said no-norm as reparam.remove_norms
+    norm = run.config["model"].get("norm")
+    return norm or ("none" if run.config["reparam"].get("remove_norms") else "pre")
+
+
+# Condition columns a table may list in its report (name -> the value a run's config gives it).
+CONDITIONS: dict[str, Callable[[Run], Any]] = {
+    "optimizer": lambda r: r.summary.get("choices", {}).get("optim"),
+    "lr": lambda r: f"{r.config['optim']['lr']:.3g}",
+    "warmup": lambda r: "warmup" if r.config["schedule"]["warmup_steps"] > 0 else "no-warmup",
+    "weight_decay": lambda r: f"{r.config['optim'].get('weight_decay', 0.0):g}",
+    "norm": _run_norm,
+    "reparam": lambda r: r.config["reparam"]["name"],
+    "depth": lambda r: r.config["model"].get("depth"),
+    "model": lambda r: r.summary.get("choices", {}).get("model"),
+}
+
+
+def _report(name: str, report: dict[str, Any] | None) -> tuple[list[Metric], list[str]]:
+    """The table's ``report:`` block: ``metrics`` ([{name, higher_is_better}], headline first) and
+    ``columns`` (names in CONDITIONS)."""
+    where = f"conf/table/{name}.yaml"
+    if not report or not report.get("metrics"):
+        raise ConfigError(f"{where} has no report.metrics; add e.g. `report: {{metrics: [{{name: val/acc, "
+                          f"higher_is_better: true}}], columns: [optimizer, reparam]}}`")
+    metrics = []
+    for m in report["metrics"]:
+        if not isinstance(m, dict) or not isinstance(m.get("higher_is_better"), bool) or not m.get("name"):
+            raise ConfigError(f"{where}: each report.metrics entry needs a name and higher_is_better "
+                              f"(true/false), found {m!r}")
+        metrics.append(Metric(m["name"], m["higher_is_better"]))
+    columns = list(report.get("columns") or [])
+    unknown = [c for c in columns if c not in CONDITIONS]
+    if unknown:
+        raise ConfigError(f"{where}: report.columns {unknown} are not known conditions; "
+                          f"choose from {sorted(CONDITIONS)}")
+    return metrics, columns
 
 
 def load_table(name: str, seeds: str | None = None, lr_grid: str | None = None) -> TableSpec:
@@ -200,8 +277,8 @@ def load_table(name: str, seeds: str | None = None, lr_grid: str | None = None) 
     command line (``seed=0,1``, ``lr_scale=1``)."""
     if name not in table_names():
         raise ConfigError(f"unknown table {name!r}; the tables are: {', '.join(table_names())} "
-                          f"(conf/table/*.yaml)")
-    cfg = OmegaConf.load(CONF_DIR / "table" / f"{name}.yaml")
+                          f"(conf/table/*.yaml, also in the dirs of SIGMA_REPRO_CONFIG_PATH)")
+    cfg = OmegaConf.load(table_files()[name])
     params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
     for key, option, given in (("seed", "--seeds", seeds), ("lr_scale", "--lr-grid", lr_grid)):
         if given is not None:
@@ -213,7 +290,8 @@ def load_table(name: str, seeds: str | None = None, lr_grid: str | None = None) 
     except ValueError as err:
         raise ConfigError(f"table {name!r}: seeds must be a comma list of integers, e.g. 0,1,2 ({err})") from None
     cells = [c.strip() for c in str(params.pop("experiment")).split(",")]
-    return TableSpec(name, cells, {key: _values(v) for key, v in params.items()}, seed_list)
+    metrics, columns = _report(name, OmegaConf.to_container(cfg.get("report"), resolve=True) if "report" in cfg else None)
+    return TableSpec(name, cells, {key: _values(v) for key, v in params.items()}, seed_list, metrics, columns)
 
 
 def paper_values(table: str) -> dict[str, Any]:
@@ -256,21 +334,11 @@ def group_rows(spec: TableSpec, runs: list[Run]) -> list[Row]:
     return sorted(rows.values(), key=lambda r: (order[r.cell], bool(r.extras), position[r.key]))
 
 
-def _conditions(runs: list[Run]) -> dict[str, str]:
+def _conditions(runs: list[Run], columns: list[str]) -> dict[str, str]:
     """The conditions a table cell fixes, as the runs' resolved configs have them (values that
     differ between seeds are all shown, joined by '/'; a "running" stub has no config yet)."""
     runs = [r for r in runs if r.config]
-
-    def each(get) -> str:
-        return "/".join(sorted({str(get(r)) for r in runs})) if runs else ""
-    return {
-        "optimizer": each(lambda r: r.summary.get("choices", {}).get("optim")),
-        "lr": each(lambda r: f"{r.config['optim']['lr']:.3g}"),
-        "warmup": each(lambda r: "warmup" if r.config["schedule"]["warmup_steps"] > 0 else "no-warmup"),
-        "weight_decay": each(lambda r: f"{r.config['optim'].get('weight_decay', 0.0):g}"),
-        "norm": each(lambda r: "no-norm" if r.config["reparam"].get("remove_norms") else "norm"),
-        "reparam": each(lambda r: r.config["reparam"]["name"]),
-    }
+    return {c: "/".join(sorted({str(CONDITIONS[c](r)) for r in runs})) if runs else "" for c in columns}
 
 
 def _mean_layers(run: Run, which: str) -> float | None:
@@ -283,27 +351,30 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(present)) if present else None
 
 
-def row_record(row: Row, metric: str, paper: dict[str, Any], now: float, stale_after_min: float) -> dict[str, Any]:
-    """One row as plain data (the CSV row): conditions, seeds by state, metric and diagnostics."""
+def row_record(row: Row, spec: TableSpec, paper: dict[str, Any], now: float, stale_after_min: float) -> dict[str, Any]:
+    """One row as plain data (the CSV row): conditions, seeds by state, metrics and diagnostics."""
     by_state: dict[str, list[Run]] = {s: [] for s in RUN_STATES}
     for run in sorted(row.runs, key=lambda r: r.seed):
         by_state[run.state(now, stale_after_min)].append(run)
     seeds = {s: [r.seed for r in by_state[s]] for s in RUN_STATES}
     seeds["missing"] = [s for s in row.expected_seeds if s not in {r.seed for r in row.runs}]
-    finished = [r.summary.get("metrics", {}).get(metric) for r in by_state["finished"]]
-    values = [v for v in finished if v is not None]
+    scores = {}
+    for metric in spec.metrics:
+        finished = [r.summary.get("metrics", {}).get(metric.name) for r in by_state["finished"]]
+        values = [v for v in finished if v is not None]
+        scores |= {f"{metric.name} mean": float(np.mean(values)) if values else None,
+                   f"{metric.name} std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                   f"{metric.name} n": len(values)}
     ended = by_state["finished"] + by_state["diverged"]  # both say how attention behaved to the end
     return {
         "cell": row.cell, **row.axes, "extra_overrides": ",".join(row.extras),
-        **_conditions(row.runs),
-        f"{metric} mean": float(np.mean(values)) if values else None,
-        f"{metric} std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
-        f"{metric} n": len(values),
+        **_conditions(row.runs, spec.columns),
+        **scores,
         **{f"n_{s}": len(seeds[s]) for s in STATES},
         **{f"seeds_{s}": ",".join(map(str, seeds[s])) for s in STATES},
         "diverged_steps": ",".join(str(r.summary.get("diverged_step")) for r in by_state["diverged"]),
-        "attn_entropy_final": _mean([_mean_layers(r, "final") for r in ended]),
-        "attn_entropy_min": _mean([_mean_layers(r, "min") for r in ended]),
+        "attention_entropy_final": _mean([_mean_layers(r, "final") for r in ended]),
+        "attention_entropy_min": _mean([_mean_layers(r, "min") for r in ended]),
         "loss_spikes": _mean([r.summary.get("loss_spikes") for r in ended]),
         "paper": paper.get(row.cell) if not row.extras else None,
         "run_dirs": ";".join(str(r.dir) for r in row.runs),
@@ -319,33 +390,45 @@ def _seeds_text(rec: dict[str, Any], state: str) -> str:
     return f"{state} {rec[f'seeds_{state}']}" if rec[f"n_{state}"] else ""
 
 
-def markdown_row(rec: dict[str, Any], spec: TableSpec, metric: str) -> list[str]:
+def _score(rec: dict[str, Any], metric: Metric, best: float | None) -> str:
+    mean, std, n = rec[f"{metric.name} mean"], rec[f"{metric.name} std"], rec[f"{metric.name} n"]
+    score = _num(mean, 4)
+    if std is not None:
+        score += f" ± {std:.4f}"
+    if n < rec["n_finished"]:
+        score += f" (of {n})"
+    return f"**{score}**" if mean is not None and mean == best else score
+
+
+def _best(records: list[dict[str, Any]], metric: Metric) -> float | None:
+    means = [r[f"{metric.name} mean"] for r in records if r[f"{metric.name} mean"] is not None]
+    return (max if metric.higher_is_better else min)(means) if means else None
+
+
+def markdown_row(rec: dict[str, Any], spec: TableSpec, best: dict[str, float | None]) -> list[str]:
     cell = rec["cell"].removeprefix(spec.name + "/")
     if rec["extra_overrides"]:
         cell += f" [{rec['extra_overrides']}]"
-    score = _num(rec[f"{metric} mean"], 4)
-    if rec[f"{metric} std"] is not None:
-        score += f" ± {rec[f'{metric} std']:.4f}"
-    if rec[f"{metric} n"] < rec["n_finished"]:
-        score += f" (of {rec[f'{metric} n']})"
     diverged = str(rec["n_diverged"])
     if rec["n_diverged"]:
         diverged += " (" + ", ".join(f"s{s} @ {d}" for s, d in zip(rec["seeds_diverged"].split(","),
                                                                    rec["diverged_steps"].split(","))) + ")"
     failed = str(rec["n_failed"]) + (f" (s{rec['seeds_failed']})" if rec["n_failed"] else "")
     not_done = "; ".join(filter(None, (_seeds_text(rec, s) for s in ("running", "incomplete", "missing"))))
-    return [cell, *(rec[k] for k in spec.axes), rec["optimizer"], rec["lr"], rec["warmup"], rec["weight_decay"],
-            rec["norm"], rec["reparam"], score, str(rec["n_finished"]), diverged, failed, not_done,
-            _num(rec["attn_entropy_final"], 3), _num(rec["attn_entropy_min"], 3), _num(rec["loss_spikes"], 1),
-            "" if rec["paper"] is None else str(rec["paper"])]
+    return [cell, *(rec[k] for k in spec.axes), *(str(rec[c]) for c in spec.columns),
+            *(_score(rec, m, best[m.name]) for m in spec.metrics), str(rec["n_finished"]), diverged, failed,
+            not_done, _num(rec["attention_entropy_final"], 3), _num(rec["attention_entropy_min"], 3),
+            _num(rec["loss_spikes"], 1), "" if rec["paper"] is None else str(rec["paper"])]
 
 
-def markdown_table(records: list[dict[str, Any]], spec: TableSpec, metric: str) -> str:
-    head = ["cell", *spec.axes, "optimizer", "lr", "warmup", "weight decay", "norm", "reparam",
-            f"{metric} (mean ± std)", "finished", "diverged", "failed", "not done (seeds)",
-            "attn entropy final", "attn entropy min", "loss spikes", "paper"]
+def markdown_table(records: list[dict[str, Any]], spec: TableSpec) -> str:
+    head = ["cell", *spec.axes, *(c.replace("_", " ") for c in spec.columns),
+            *(f"{m.name} (mean ± std, {'↑' if m.higher_is_better else '↓'})" for m in spec.metrics),
+            "finished", "diverged", "failed", "not done (seeds)",
+            "attention entropy final", "attention entropy min", "loss spikes", "paper"]
+    best = {m.name: _best(records, m) for m in spec.metrics}
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(markdown_row(r, spec, metric)) + " |" for r in records]
+    lines += ["| " + " | ".join(markdown_row(r, spec, best)) + " |" for r in records]
     return "\n".join(lines)
 
 
@@ -382,7 +465,9 @@ def provenance_lines(args: argparse.Namespace, spec: TableSpec, root: Path, used
 def command_line(args: argparse.Namespace) -> str:
     """The table command as the options it ran with (defaults included), whatever called it."""
     parts = ["sigma-repro table", args.table, str(runs_root(args.runs_dir)), "--scale", args.scale,
-             "--metric", args.metric, "--stale-after", f"{args.stale_after:g}", "--out", args.out]
+             "--stale-after", f"{args.stale_after:g}", "--out", args.out]
+    if args.metric is not None:
+        parts += ["--metric", args.metric] + (["--lower-is-better"] if args.lower_is_better else [])
     for option, value in (("--seeds", args.seeds), ("--lr-grid", args.lr_grid)):
         if value is not None:
             parts += [option, value]
@@ -390,8 +475,8 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 READING = (
-    "How to read it: `{metric}` is the mean ± sample standard deviation (ddof 1) over the finished seeds "
-    "(the final value each run recorded); attention entropy (nats, mean over layers of each run's final and "
+    "How to read it: {metrics} the mean ± sample standard deviation (ddof 1) over the finished seeds "
+    "(the final value each run recorded; ↑ higher or ↓ lower is better, the best row in bold); attention entropy (nats, mean over layers of each run's final and "
     "minimum-over-training value) and loss spikes are averaged over finished and diverged seeds. "
     "*diverged* runs hit a non-finite loss (seed @ step); *failed* runs raised an error (summary.json says "
     "which); *running* runs are in progress; *incomplete* runs say running but have written nothing for "
@@ -403,7 +488,7 @@ READING = (
 
 
 def write_table(out_dir: Path, spec: TableSpec, scale: str, records: list[dict[str, Any]], header: list[str],
-                metric: str, stale_after_min: float) -> tuple[Path, Path]:
+                stale_after_min: float) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / f"{scale}.csv", out_dir / f"{scale}.md"
     with csv_path.open("w", newline="") as f:
@@ -414,8 +499,9 @@ def write_table(out_dir: Path, spec: TableSpec, scale: str, records: list[dict[s
         f"# Table {spec.name} (scale={scale})", "",
         f"What it reproduces and how it was run: recipes/{spec.name}.md.", "",
         *header, "",
-        markdown_table(records, spec, metric), "",
-        READING.format(metric=metric, stale=stale_after_min), "",
+        markdown_table(records, spec), "",
+        READING.format(metrics=" and ".join(f"`{m.name}`" for m in spec.metrics)
+                       + (" is" if len(spec.metrics) == 1 else " are"), stale=stale_after_min), "",
     ]))
     return md_path, csv_path
 
@@ -426,7 +512,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs_dir", nargs="?", default=None,
                         help="root of the run dirs (default: $SIGMA_REPRO_RUNS, else runs)")
     parser.add_argument("--scale", default="proxy", choices=["proxy", "full"], help="which runs (default: proxy)")
-    parser.add_argument("--metric", default="val/acc", help="summary metric to aggregate (default: val/acc)")
+    parser.add_argument("--metric", default=None,
+                        help="summary metric to aggregate instead of the table's own (its report.metrics)")
+    parser.add_argument("--lower-is-better", action="store_true", help="with --metric: lower values are better")
     parser.add_argument("--seeds", default=None,
                         help="expected seeds, e.g. 0,1, when the sweep was run with seeds other than the table's")
     parser.add_argument("--lr-grid", default=None,
@@ -454,11 +542,12 @@ def run(args: argparse.Namespace) -> int:
                           f"`sigma-repro-train table={spec.name} scale={args.scale}`, or point to its runs dir.")
     now = time.time()
     paper = paper_values(spec.name)
-    records = [row_record(row, args.metric, paper, now, args.stale_after) for row in group_rows(spec, used)]
+    if args.metric is not None:
+        spec.metrics = [Metric(args.metric, not args.lower_is_better)]
+    records = [row_record(row, spec, paper, now, args.stale_after) for row in group_rows(spec, used)]
     header = provenance_lines(args, spec, root, used, Counter(r.scale for r in cells if r.scale != args.scale),
                               unreadable)
-    md_path, csv_path = write_table(Path(args.out) / spec.name, spec, args.scale, records, header, args.metric,
-                                    args.stale_after)
+    md_path, csv_path = write_table(Path(args.out) / spec.name, spec, args.scale, records, header, args.stale_after)
     print(md_path.read_text())
     print(f"table: {md_path}\ndata:  {csv_path}")
     return 0

@@ -6,6 +6,7 @@ and the keys train.py writes; one test reads a real (3-step) run of the app."""
 import csv
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -20,12 +21,12 @@ from sigma_repro.errors import ConfigError
 
 from .test_train import train
 
-CONDITIONS = {  # (optim choice, lr, warmup steps, weight decay, reparam, remove_norms) as the cells set them
-    "vit_supervised/b16/deit": ("adamw", 3e-3, 50, 0.05, "none", False),
-    "vit_supervised/b16/sigma": ("adamw", 3e-3, 50, 0.05, "sigma", False),
-    "vit_supervised/b16/sigma_no_ln": ("adamw", 3e-3, 50, 0.05, "sigma", True),
-    "vit_optimizers/sgd_plain": ("sgd", 0.1, 0, 0.0, "none", False),
-    "vit_optimizers/sgd_sigma": ("sgd", 0.1, 0, 0.0, "sigma", False),
+CONDITIONS = {  # (optim choice, lr, warmup steps, weight decay, reparam, model.norm) as the cells set them
+    "vit_supervised/b16/deit": ("adamw", 3e-3, 50, 0.05, "none", "pre"),
+    "vit_supervised/b16/sigma": ("adamw", 3e-3, 50, 0.05, "sigma", "pre"),
+    "vit_supervised/b16/sigma_no_ln": ("adamw", 3e-3, 50, 0.05, "sigma", "none"),
+    "vit_optimizers/sgd_plain": ("sgd", 0.1, 0, 0.0, "none", "pre"),
+    "vit_optimizers/sgd_sigma": ("sgd", 0.1, 0, 0.0, "sigma", "pre"),
 }
 
 
@@ -40,7 +41,7 @@ def fake_run(root: Path, experiment: str, seed: int, *, status: str = "finished"
              entropy: tuple[list[float], list[float]] = ([2.0, 1.0], [1.5, 0.5]), spikes: int = 0,
              diverged_step: int | None = None, curves: dict[str, list[float]] | None = None) -> Path:
     """A finished/diverged/failed run's summary.json (and metrics.csv with ``curves``)."""
-    optim, lr, warmup, wd, reparam, no_norm = CONDITIONS[experiment]
+    optim, lr, warmup, wd, reparam, norm = CONDITIONS[experiment]
     overrides = [f"experiment={experiment}", *([f"lr_scale={lr_scale}"] if lr_scale else []), f"seed={seed}",
                  f"table={experiment.split('/')[0]}", f"scale={scale}", "logger=csv", *extra]
     out = run_dir(root, experiment, overrides, seed)
@@ -54,7 +55,7 @@ def fake_run(root: Path, experiment: str, seed: int, *, status: str = "finished"
         "choices": {"experiment": experiment, "scale": scale, "optim": optim, "reparam": reparam},
         "config": {"seed": seed, "lr_scale": float(lr_scale or 1.0),
                    "optim": {"lr": lr * float(lr_scale or 1.0), "weight_decay": wd},
-                   "schedule": {"warmup_steps": warmup}, "reparam": {"name": reparam, "remove_norms": no_norm}},
+                   "schedule": {"warmup_steps": warmup}, "reparam": {"name": reparam}, "model": {"norm": norm}},
     }
     if status != "failed":
         summary["attention_entropy"] = {"layers": ["blocks.0.attn", "blocks.1.attn"],
@@ -124,18 +125,18 @@ def test_table_counts_every_expected_seed_and_aggregates_over_finished_ones(tmp_
     assert float(deit["val/acc mean"]) == pytest.approx(np.mean(accs))
     assert float(deit["val/acc std"]) == pytest.approx(np.std(accs, ddof=1))
     assert (deit["n_finished"], deit["n_missing"], deit["seeds_finished"]) == ("3", "0", "0,1,2")
-    assert float(deit["attn_entropy_final"]) == pytest.approx(np.mean([np.mean(e[0]) for e in entropies]))
-    assert float(deit["attn_entropy_min"]) == pytest.approx(np.mean([np.mean(e[1]) for e in entropies]))
+    assert float(deit["attention_entropy_final"]) == pytest.approx(np.mean([np.mean(e[0]) for e in entropies]))
+    assert float(deit["attention_entropy_min"]) == pytest.approx(np.mean([np.mean(e[1]) for e in entropies]))
     assert float(deit["loss_spikes"]) == pytest.approx(1.0)
     assert (deit["optimizer"], deit["warmup"], deit["weight_decay"], deit["norm"], deit["reparam"]) == \
-        ("adamw", "warmup", "0.05", "norm", "none")
+        ("adamw", "warmup", "0.05", "pre", "none")
     assert deit["paper"] == ""  # published: null in results/paper_reference.yaml
 
     sigma = row(rows, "vit_supervised/b16/sigma")
     assert (sigma["n_finished"], sigma["n_diverged"], sigma["n_failed"], sigma["n_missing"]) == ("1", "1", "1", "0")
     assert (sigma["val/acc mean"], sigma["val/acc std"], sigma["diverged_steps"]) == ("0.95", "", "120")
     # entropy and spikes over finished and diverged seeds: the diverged run's collapse is the point
-    assert float(sigma["attn_entropy_min"]) == pytest.approx(np.mean([np.mean([2.4, 2.2]), np.mean([0.05, 0.2])]))
+    assert float(sigma["attention_entropy_min"]) == pytest.approx(np.mean([np.mean([2.4, 2.2]), np.mean([0.05, 0.2])]))
     assert float(sigma["loss_spikes"]) == pytest.approx(3.5)
 
     no_ln = row(rows, "vit_supervised/b16/sigma_no_ln")
@@ -225,11 +226,11 @@ def test_table_reads_a_real_run_of_the_app(tmp_path):
     summary = json.loads(next(runs.rglob("summary.json")).read_text())
     assert real["n_finished"] == "1" and float(real["val/acc mean"]) == pytest.approx(summary["metrics"]["val/acc"])
     assert (real["optimizer"], real["warmup"], real["weight_decay"], real["norm"], real["reparam"]) == \
-        ("sgd", "no-warmup", "0", "no-norm", "sigma")
-    assert float(real["attn_entropy_final"]) == pytest.approx(np.mean(summary["attention_entropy"]["final"]))
+        ("sgd", "no-warmup", "0", "none", "sigma")
+    assert float(real["attention_entropy_final"]) == pytest.approx(np.mean(summary["attention_entropy"]["final"]))
 
 
-CURVES = {"train/loss": [2.3, 1.9, 1.2, 0.8], "val/acc": [0.3, 0.5], "diag/attn_entropy/min": [2.8, 2.1, 1.0, 0.4]}
+CURVES = {"train/loss": [2.3, 1.9, 1.2, 0.8], "val/acc": [0.3, 0.5], "diag/attention_entropy/min": [2.8, 2.1, 1.0, 0.4]}
 
 
 def optimizer_runs(runs: Path) -> dict[str, Path]:
@@ -272,7 +273,7 @@ def test_compare_resolves_filters_against_the_runs_dir(tmp_path, capsys):
 
     png = tmp_path / "cmp.png"
     assert main(["compare", "vit_optimizers/sgd_*", "--runs-dir", str(tmp_path / "runs"), "--scale", "proxy",
-                 "--seed", "0", "--metrics", "train/loss,val/acc,diag/attn_entropy/min", "--out", str(png)]) == 0
+                 "--seed", "0", "--metrics", "train/loss,val/acc,diag/attention_entropy/min", "--out", str(png)]) == 0
     printed = capsys.readouterr().out
     assert f"{png}: 3 metrics of 3 runs" in printed and "val/acc: 2 runs" in printed and "note:" in printed
     assert matplotlib.image.imread(png).shape[0] > 500  # three stacked subplots
@@ -286,3 +287,64 @@ def test_running_stub_with_identity_is_counted_as_running(tmp_path):
         "choices": {"scale": "proxy"}, "overrides": ["scale=proxy", "seed=1"], "run_dir": str(run_dir)}))
     runs, unreadable = results.find_runs(tmp_path)
     assert unreadable == [] and [(r.experiment, r.seed, r.scale) for r in runs] == [("vit_supervised/b16/deit", 1, "proxy")]
+
+
+def test_runs_from_before_the_norm_setting_and_the_key_rename_still_read(tmp_path):
+    """Committed proxy results came from runs that said no-norm as reparam.remove_norms and logged
+    diag/attn_entropy/*: the table and compare read them under today's names."""
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    old = fake_run(runs, "vit_supervised/b16/sigma_no_ln", 0, curves={"diag/attn_entropy/min": [2.0, 1.5, 1.2]})
+    summary = json.loads((old / "summary.json").read_text())
+    summary["config"]["reparam"]["remove_norms"] = True
+    summary["config"]["model"] = {"depth": 6}  # no norm key then
+    (old / "summary.json").write_text(json.dumps(summary))
+    plain = fake_run(runs, "vit_supervised/b16/deit", 0)
+    summary = json.loads((plain / "summary.json").read_text())
+    summary["config"]["reparam"]["remove_norms"] = False
+    summary["config"]["model"] = {"depth": 6}  # no norm key then
+    (plain / "summary.json").write_text(json.dumps(summary))
+
+    assert main(["table", "vit_supervised", str(runs), "--out", str(out)]) == 0
+    rows = table_rows(out, "vit_supervised")
+    assert row(rows, "vit_supervised/b16/sigma_no_ln")["norm"] == "none"
+    assert row(rows, "vit_supervised/b16/deit")["norm"] == "pre"
+    assert results.metric_curve(old, "diag/attention_entropy/min") == ([0, 10, 20], [2.0, 1.5, 1.2])
+
+
+def test_table_reports_its_declared_metrics_with_their_direction(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    fake_run(runs, "vit_supervised/b16/deit", 0, acc=0.91)
+    fake_run(runs, "vit_supervised/b16/sigma", 0, acc=0.95)
+    assert main(["table", "vit_supervised", str(runs), "--out", str(out)]) == 0
+    text = (out / "vit_supervised" / "proxy.md").read_text()
+    assert "val/acc (mean ± std, ↑)" in text
+    assert "| **0.9500** |" in text and "| 0.9100 |" in text  # higher is better: sigma's row is the best
+
+    # another metric, lower is better: train/loss is 0.5 in both, so both rows are the best
+    assert main(["table", "vit_supervised", str(runs), "--out", str(out), "--metric", "train/loss",
+                 "--lower-is-better"]) == 0
+    text = (out / "vit_supervised" / "proxy.md").read_text()
+    assert "train/loss (mean ± std, ↓)" in text and text.count("**0.5000**") == 2
+    assert "--metric train/loss --lower-is-better" in text
+
+
+@pytest.mark.parametrize("report,message", [
+    (None, "has no report.metrics"),
+    ({"metrics": [{"name": "val/acc"}]}, "needs a name and higher_is_better"),
+    ({"metrics": [{"name": "val/acc", "higher_is_better": True}], "columns": ["colour"]},
+     "report.columns ['colour'] are not known conditions"),
+])
+def test_table_report_block_errors_say_what_to_write(report, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        results._report("t", report)
+
+
+def test_compare_defaults_to_each_runs_headline_metric(tmp_path):
+    vit = fake_run(tmp_path, "vit_optimizers/sgd_plain", 0, lr_scale="1")
+    lm = fake_run(tmp_path, "vit_optimizers/sgd_sigma", 0, lr_scale="1")
+    summary = json.loads((lm / "summary.json").read_text())
+    summary["headline_metric"] = {"name": "val/ppl", "higher_is_better": False}
+    (lm / "summary.json").write_text(json.dumps(summary))
+    runs, _ = compare.resolve_runs([str(vit), str(lm)], tmp_path)
+    # the ViT run predates headline_metric in summaries: read as val/acc
+    assert compare.default_metrics(runs) == ["train/loss", "val/acc", "val/ppl", "diag/attention_entropy/min"]
