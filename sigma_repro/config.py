@@ -6,17 +6,41 @@ Registered on import of ``sigma_repro`` so that composing conf/ works from the a
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
+from sigma_repro.errors import ConfigError
+
 # The Hydra app's configs: conf/ at the top of a checkout (editable install, PYTHONPATH); inside the
 # package in a wheel or `pip install .`, where pyproject.toml ships conf/ as sigma_repro/conf.
 _PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
 CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parent.parent / "conf"
 _MAX_DIRNAME = 120
+CONFIG_PATH_ENV = "SIGMA_REPRO_CONFIG_PATH"
+
+
+def user_config_dirs() -> list[Path]:
+    """The config dirs a user adds to the app's (``SIGMA_REPRO_CONFIG_PATH``, ``os.pathsep``-separated):
+    their own tasks, models, data, experiments and tables, composed as if they were in conf/."""
+    dirs = [Path(d).expanduser() for d in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep) if d]
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        raise ConfigError(f"{CONFIG_PATH_ENV} names config dirs that do not exist: {missing}; "
+                         f"fix the path or unset {CONFIG_PATH_ENV}")
+    return dirs
+
+
+def _search_path() -> list[str]:
+    """``hydra.searchpath`` from SIGMA_REPRO_CONFIG_PATH (``hydra.searchpath=[...]`` on the command line
+    replaces it)."""
+    return [f"file://{d.resolve()}" for d in user_config_dirs()]
+
+
+OmegaConf.register_new_resolver("sr_config_path", _search_path, replace=True)
 
 
 _NUMBER = re.compile(r"(?<=[=,])[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?=,|$)")
