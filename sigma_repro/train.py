@@ -74,8 +74,24 @@ def validate_config(cfg: DictConfig) -> None:
                        "kernels nondeterministically; drop one")
     if cfg.checkpoint_every_n_steps < 1:
         clashes.append(f"checkpoint_every_n_steps must be >= 1, got {cfg.checkpoint_every_n_steps}")
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN and hc.runtime.choices.get("hydra/launcher") == "basic" and _devices(t) > 1:
+        # Lightning starts the other ranks by re-running this command line, sweep and all.
+        clashes.append(f"a local multirun (-m) cannot train on trainer.devices={t.devices}: each extra process would "
+                       f"rerun the whole sweep; run the cells one by one, or sweep with hydra/launcher=slurm "
+                       f"(one task per device)")
     if clashes:
         raise ConfigError("; ".join(clashes))
+
+
+def _devices(trainer_cfg: DictConfig) -> int:
+    """How many devices ``trainer.devices`` asks for on this node (1 for "auto" or -1: not known here)."""
+    devices = trainer_cfg.get("devices", 1)
+    if OmegaConf.is_list(devices):
+        return len(devices)
+    if isinstance(devices, str):  # "2", "0,1" (device ids) or "auto"
+        return len(devices.split(",")) if "," in devices else int(devices) if devices.isdigit() else 1
+    return max(int(devices), 1)
 
 
 # -- building blocks ------------------------------------------------------------------------------

@@ -154,6 +154,15 @@ def test_multirun_survives_a_failing_cell(tmp_path):
     assert "patch_size=3 does not divide" in failed["error"]
 
 
+def test_local_multirun_on_several_devices_is_refused_before_compute(tmp_path):
+    # Lightning would start rank 1 by rerunning the command line: the whole sweep, a second time.
+    proc = train(tmp_path, "-m", *FAST, "trainer.accelerator=cpu", "trainer.devices=2", "seed=0,1")
+    summaries = [json.loads(p.read_text()) for p in tmp_path.rglob("summary.json")]
+    assert len(summaries) == 2 and all(s["status"] == "failed" for s in summaries), proc.stdout[-2000:]
+    assert all("cannot train on trainer.devices=2" in s["error"] and "traceback" not in s for s in summaries)
+    assert not list(tmp_path.rglob("last.ckpt"))
+
+
 def test_wandb_offline_and_tensorboard_runs_have_identity_group_and_tags(tmp_path):
     train(tmp_path, *[o for o in FAST if o != "logger=csv"], "trainer.max_steps=12", "optim=sgd", "optim.lr=0.05",
           "logger.tensorboard.enabled=true")

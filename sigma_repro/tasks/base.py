@@ -111,7 +111,7 @@ class StabilityTask(L.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         loss, logs = self.compute_loss(batch, "val")
-        self.log("val/loss", loss, on_epoch=True, prog_bar=False)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=False, sync_dist=True)  # every rank's share of val
         self.log_dict({f"val/{k}": v for k, v in logs.items()}, on_epoch=True, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
