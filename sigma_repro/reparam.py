@@ -41,7 +41,8 @@ parametrization remembers the count at its last fit. So σ moves once per optimi
 entry point the forward used (`model(x)`, `model.forward_features(x)`, a probe), however often W
 is read (nn.MultiheadAttention reads `in_proj_weight` three times per forward), and however many
 forwards share one update (gradient accumulation, SSL views). The first training read after
-`apply_sigma_reparam` does not step (u, v fit that W); eval-mode reads never step; loading a
+`apply_sigma_reparam` (or `load_plain_state_dict`) steps once, as the official code does before
+its first forward (on the exact SVD it only rounds); eval-mode reads never step; loading a
 state dict makes the next training read step, so resuming from a checkpoint saved after an
 optimizer step repeats the uninterrupted run exactly. Any torch optimizer's step counts, also
 one that does not hold W: at worst an extra step refines σ of an unchanged W. Not noticed: a W
@@ -200,6 +201,13 @@ class SigmaReparam(nn.Module):
         else:
             self.gamma.fill_(float(self.gamma_init))
         self.fitted_at.copy_(_OPTIMIZER_STEPS)
+
+    def step_before_first_forward(self) -> None:
+        """Make the next training read step once, although u, v fit W: the official code (and this
+        plugin before it stepped per optimizer step) steps before the first forward. On the exact
+        SVD that step changes σ only by rounding, but Adam's first update amplifies rounding, and
+        the committed proxy results were trained with it."""
+        self.fitted_at.fill_(-1)
 
     def power_step(self, weight: torch.Tensor) -> None:
         """`power_iters` power iterations on W, whether or not an optimizer stepped since the last fit."""
@@ -402,7 +410,8 @@ def apply_sigma_reparam(model: nn.Module, *, gamma_init: str | float = "sigma", 
     for t in selected:
         reparam = SigmaReparam(getattr(t.module, t.tensor_name), split_sizes=t.split_sizes,
                                gamma_init=gamma_init, stats_only=stats_only, power_iters=power_iters)
-        parametrize.register_parametrization(t.module, t.tensor_name, reparam)
+        parametrize.register_parametrization(t.module, t.tensor_name, reparam)  # reads Ŵ once: no step
+        reparam.step_before_first_forward()
     return model
 
 
@@ -477,4 +486,5 @@ def load_plain_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor])
     model.load_state_dict(mapped)
     for _, module, tensor_name, reparam in _parametrized(model):
         reparam.reset(module.parametrizations[tensor_name].original)
+        reparam.step_before_first_forward()
     return model
