@@ -452,7 +452,7 @@ def provenance_lines(args: argparse.Namespace, spec: TableSpec, root: Path, used
         f"- Command: `{command_line(args)}`, {today}, git sha {provenance.git_sha()}.",
         f"- Scale: **{args.scale}**. Expected: {len(spec.cells)} cells{axes} × seeds {seeds} "
         f"(conf/table/{spec.name}.yaml).",
-        f"- Runs: {len(used)} run dirs under `{root.resolve()}`, {hours:.2f} h of wall time in all; "
+        f"- Runs: {len(used)} run dirs under `{root}`, {hours:.2f} h of wall time in all; "
         f"git sha of the runs: {shas}; machines: {machines}; ended {ended[0]} to {ended[-1]}.",
     ]
     if other_scales:
