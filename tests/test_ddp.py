@@ -19,9 +19,10 @@ import pytest
 import torch
 from torch import nn
 
+from sigma_repro.checkpointing import checkpoint_meta
 from sigma_repro.tasks.base import StabilityTask
 from sigma_repro.tasks.classification import ClassificationTask
-from sigma_repro.train import checkpoint_meta, is_rank_zero
+from sigma_repro.train import is_rank_zero
 
 from .conftest import ROOT
 
@@ -155,8 +156,9 @@ def test_checkpoint_meta_leaves_the_tensors_on_disk(tmp_path):
     ckpt = tmp_path / "big.ckpt"
     torch.save({"global_step": 7, "state_dict": {"w": torch.zeros(64 * 2**20)}, "sigma_repro": {"world_size": 4}},
                ckpt)
-    probe = ("import resource, sys, torch; from pathlib import Path; from sigma_repro.train import checkpoint_meta; "
-             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; meta = checkpoint_meta(Path(sys.argv[1])); "
+    probe = ("import resource, sys, torch; from pathlib import Path; from sigma_repro.checkpointing import "
+             "checkpoint_meta; before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+             "meta = checkpoint_meta(Path(sys.argv[1])); "
              "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; print(meta['global_step'], "
              "meta['world_size'], (after - before) // 1024)")
     out = subprocess.run([sys.executable, "-c", probe, str(ckpt)], capture_output=True, text=True, cwd=ROOT,
