@@ -28,6 +28,12 @@ How a mid-epoch resume is exact under Lightning 2.6 (``loops/fit_loop.py``,
 3. ``ResumableDataLoader.__iter__`` is lazy: the epoch is read, the order drawn and the workers
    started only when the first batch is asked for, after Lightning has moved to the new epoch.
 
+Nothing may build the train loader through Lightning before the checkpoint is restored: Lightning
+2.6 gives the loader its saved state only when it builds the loader after the restore (issue
+Lightning-AI/pytorch-lightning#20550), and ``trainer.estimated_stepping_batches`` in
+``configure_optimizers`` builds it before, unless ``max_epochs=-1``. Tasks count their schedule's
+steps with ``planned_optimizer_steps`` instead, which asks the DataModule for a loader of its own.
+
 Without ``load_state_dict`` (a fresh run, or Lightning resuming an epoch-based run from a finished
 epoch) the loader is an ordinary shuffled, drop-last loader over epoch ``trainer.current_epoch``.
 Any DataModule can use the same three pieces for its training data::
@@ -37,6 +43,7 @@ Any DataModule can use the same three pieces for its training data::
 """
 
 import contextlib
+import math
 import random
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -157,3 +164,20 @@ class ResumableDataLoader(DataLoader):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._epoch, self._batches_done = state["epoch"], state["batches_done"]
         self._resume = dict(state)
+
+
+def planned_optimizer_steps(trainer: "pl.Trainer") -> int:
+    """The optimizer steps ``trainer.fit`` will take, as ``trainer.estimated_stepping_batches`` counts
+    them (max_steps, max_epochs, limit_train_batches, accumulate_grad_batches), without building the
+    train loader through Lightning's fit loop (see the module docstring): the length of an epoch
+    comes from a loader of the DataModule's own, which is only measured, never iterated."""
+    if trainer.max_epochs == -1:  # step-based: max_steps is set (the app refuses both at -1)
+        return trainer.max_steps
+    if trainer.datamodule is None:
+        raise TypeError("planned_optimizer_steps needs trainer.fit(..., datamodule=...): the schedule's length "
+                        "comes from the DataModule's train_dataloader(); pass the data as a DataModule")
+    batches = len(trainer.datamodule.train_dataloader())
+    limit = trainer.limit_train_batches
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
+    return steps if trainer.max_steps == -1 else min(steps, trainer.max_steps)

@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from sigma_repro.checkpointing import compute_environment, warn_on_new_compute
+from sigma_repro.data.sampling import planned_optimizer_steps
 from sigma_repro.optim import build_optimizer, build_scheduler
 
 
@@ -74,7 +76,9 @@ class StabilityTask(L.LightningModule):
         rank_zero_info("sigma-repro: optimizer groups " + ", ".join(
             f"{g['name']} {len(g['params'])} tensors / {sum(p.numel() for p in g['params']):,} parameters"
             for g in optimizer.param_groups))
-        scheduler = build_scheduler(optimizer, hp.schedule, int(self.trainer.estimated_stepping_batches))
+        # Not trainer.estimated_stepping_batches: it builds the train loader before a resumed run's
+        # checkpoint is restored, and the loader then restarts its epoch (sigma_repro.data.sampling).
+        scheduler = build_scheduler(optimizer, hp.schedule, planned_optimizer_steps(self.trainer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -134,10 +138,14 @@ class StabilityTask(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # world_size: the global batch and the data sharding depend on it, so a resume must match it.
+        # cpu_threads, device: they change floating-point results, so a resume elsewhere is flagged.
         checkpoint["sigma_repro"] = {"train_losses": list(self.train_losses), "diverged_step": self.diverged_step,
-                                     "world_size": self.trainer.world_size}
+                                     "world_size": self.trainer.world_size,
+                                     **compute_environment(self.trainer.strategy.root_device)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("sigma_repro", {})
         self.train_losses = list(state.get("train_losses", []))
         self.diverged_step = state.get("diverged_step")
+        if self.trainer.is_global_zero:
+            warn_on_new_compute(state, compute_environment(self.trainer.strategy.root_device))
