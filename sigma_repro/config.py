@@ -51,12 +51,19 @@ def _canonical_number(match: re.Match) -> str:
     return text.lstrip("+") if text.lstrip("+-").isdigit() else repr(float(text))
 
 
+# Hydra's override grammar reads true/false/null in any case; a sweep writes them back as True, False, null.
+_BOOL_OR_NULL = re.compile(r"(?<=[=,])(?i:true|false|null)(?=,|$)")
+
+
 def job_dir_name(experiment: str | None, override_dirname: str, seed: Any) -> str:
     """``<experiment>/<overrides>/seed=<seed>``: same command, same dir; long override lists get a hash.
 
-    Numbers are written in one form (``optim.lr=1e-3`` and a sweep's ``0.001`` give the same dir).
+    Numbers, booleans and null are written in one form: ``optim.lr=1e-3`` and a sweep's ``0.001`` give
+    the same dir, as do ``trainer.deterministic=true`` and a sweep's ``True`` (lowercase, as typed on a
+    command line: the run dirs of committed results have no booleans, so none of them moves). ``None``
+    is left alone: Hydra reads it as the string "None", not as null.
     """
-    canonical = _NUMBER.sub(_canonical_number, override_dirname)
+    canonical = _BOOL_OR_NULL.sub(lambda m: m.group(0).lower(), _NUMBER.sub(_canonical_number, override_dirname))
     overrides = re.sub(r"[^A-Za-z0-9_.,=+\-]", "_", canonical) or "default"
     if len(overrides) > _MAX_DIRNAME:
         digest = hashlib.sha1(canonical.encode()).hexdigest()[:10]
