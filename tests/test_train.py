@@ -144,23 +144,28 @@ def test_clashing_options_are_named(tmp_path):
     assert "schedule.warmup_steps=50 and trainer.max_steps=20 clash" in proc.stdout
 
 
-def test_multirun_survives_a_failing_cell(tmp_path):
-    proc = train(tmp_path, "-m", *FAST, "trainer.max_steps=10", "model.patch_size=2,3")
+def test_multirun_survives_a_failing_cell_then_exits_non_zero_with_a_tally(tmp_path):
+    proc = train(tmp_path, "-m", *FAST, "trainer.max_steps=10", "model.patch_size=3,2", check=False)
     statuses = {d.parent.name: json.loads((d / "summary.json").read_text())["status"]
                 for d in (p.parent for p in tmp_path.rglob("summary.json"))}
     assert sorted(statuses.values()) == ["failed", "finished"], (statuses, proc.stdout[-2000:])
     failed = next(json.loads(p.read_text()) for p in tmp_path.rglob("summary.json")
                   if json.loads(p.read_text())["status"] == "failed")
     assert "patch_size=3 does not divide" in failed["error"]
+    # the failing cell came first: the other still ran, then the sweep said so and exited 1
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert (f"sweep of 2 cells: 1 finished, 0 diverged, 1 failed, 0 interrupted; failed: {failed['run_dir']} "
+            in proc.stdout)
 
 
 def test_local_multirun_on_several_devices_is_refused_before_compute(tmp_path):
     # Lightning would start rank 1 by rerunning the command line: the whole sweep, a second time.
-    proc = train(tmp_path, "-m", *FAST, "trainer.accelerator=cpu", "trainer.devices=2", "seed=0,1")
+    proc = train(tmp_path, "-m", *FAST, "trainer.accelerator=cpu", "trainer.devices=2", "seed=0,1", check=False)
     summaries = [json.loads(p.read_text()) for p in tmp_path.rglob("summary.json")]
     assert len(summaries) == 2 and all(s["status"] == "failed" for s in summaries), proc.stdout[-2000:]
     assert all("cannot train on trainer.devices=2" in s["error"] and "traceback" not in s for s in summaries)
     assert not list(tmp_path.rglob("last.ckpt"))
+    assert proc.returncode == 1 and "sweep of 2 cells: 0 finished, 0 diverged, 2 failed" in proc.stdout
 
 
 def test_wandb_offline_and_tensorboard_runs_have_identity_group_and_tags(tmp_path):
