@@ -5,7 +5,8 @@ run resumed from ``last.ckpt`` would lose the curve it had before it was killed.
 keeps the file and appends; ``trim_metrics_after`` first drops the rows past the step of the
 checkpoint the run resumes from (they will be logged again), and when the logger finalizes,
 ``drop_relogged_rows`` drops the rows of that step itself that were logged again, so the final file
-has each row of the uninterrupted run once, in its order.
+has each row of the uninterrupted run once, in its order. A launch killed while it wrote a row
+leaves that row half-written; ``repair_metrics`` drops it before the next launch appends.
 Under DDP only global rank 0 touches the file: the logger's writes are rank-zero-only in Lightning,
 and the app trims on rank 0 alone.
 """
@@ -69,6 +70,27 @@ def drop_relogged_rows(path: Path) -> None:
     last = {key: i for i, key in enumerate(identity)}
     if len(last) < len(rows):
         _write_rows(path, fields, [r for i, r in enumerate(rows) if last[identity[i]] == i])
+
+
+def repair_metrics(path: Path) -> str | None:
+    """Drop a half-written last row (a launch killed mid-write leaves it without its line end, and the
+    next launch would append onto it); says what it dropped. A file without one whole line (not even
+    the header) is removed."""
+    if not path.is_file():
+        return None
+    with path.open(newline="") as f:  # as written: the csv module ends lines with \r\n
+        text = f.read()
+    if not text or text.endswith("\n"):
+        return None
+    whole, newline, partial = text.rpartition("\n")
+    if not newline:
+        path.unlink()
+        return f"removed {path}: it held only a half-written header ({partial!r})"
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        f.write(whole + newline)
+    tmp.replace(path)  # atomic, as every rewrite here
+    return f"dropped the half-written last row of {path} ({partial!r}), left by a launch killed while writing it"
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:

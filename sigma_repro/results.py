@@ -11,8 +11,8 @@ Where the data comes from:
 
 Where it goes: ``<out>/<table>/<scale>.md`` and ``.csv``, one row per cell and value of each swept key:
 the conditions the runs used (from their resolved configs), the metric's mean ± std over finished
-seeds, and every expected seed accounted for as finished, diverged, failed, running, incomplete or
-missing. Nothing is dropped silently: runs of a cell with extra overrides (``trainer.max_steps=2``)
+seeds, and every expected seed accounted for as finished, diverged, failed, running, interrupted,
+incomplete or missing. Nothing is dropped silently: runs of a cell with extra overrides (``trainer.max_steps=2``)
 get rows of their own, runs at the other scale are counted in the header.
 
 The run-reading helpers here (``find_runs``, ``runs_root``, ``metric_curve``) also serve
@@ -41,12 +41,15 @@ from omegaconf import OmegaConf
 from sigma_repro import provenance
 from sigma_repro.config import CONF_DIR, user_config_dirs
 from sigma_repro.errors import ConfigError
+from sigma_repro.run_state import launch_gone
 
 PAPER_REFERENCE = Path(__file__).resolve().parent.parent / "results" / "paper_reference.yaml"
-RUN_STATES = ("finished", "diverged", "failed", "running", "incomplete")  # what a run dir can say
+RUN_STATES = ("finished", "diverged", "failed", "running", "interrupted", "incomplete")  # what a run dir can say
 STATES = (*RUN_STATES, "missing")  # ... and an expected seed without a run dir
+NOT_DONE = ("running", "interrupted", "incomplete", "missing")  # the seeds still to run (or to finish)
 # A run that says "running" but has written nothing for this long is taken to be dead (killed hard,
-# or waiting for a requeue): the CSV logger and checkpoints write at least every few minutes.
+# or waiting for a requeue): the CSV logger and checkpoints write at least every few minutes. On the
+# host that ran it, a run whose process is gone is known dead at once (run_state.launch_gone).
 STALE_AFTER_MIN = 30.0
 
 
@@ -112,12 +115,15 @@ class Run:
         return node
 
     def state(self, now: float, stale_after_min: float = STALE_AFTER_MIN) -> str:
-        """finished | diverged | failed | running | incomplete (says running, but nothing written lately)."""
+        """finished | diverged | failed | running | interrupted | incomplete (says running, but its
+        process is gone from this host, or nothing was written lately)."""
         status = self.summary.get("status")
-        if status not in ("finished", "diverged", "failed", "running"):
-            raise ConfigError(f"{self.dir / 'summary.json'}: status {status!r} is not one of finished, diverged, "
-                              f"failed, running; was it written by sigma-repro-train?")
-        if status == "running" and now - _last_write(self.dir) > stale_after_min * 60:
+        written = [s for s in RUN_STATES if s != "incomplete"]
+        if status not in written:
+            raise ConfigError(f"{self.dir / 'summary.json'}: status {status!r} is not one of {', '.join(written)}; "
+                              f"was it written by sigma-repro-train?")
+        if status == "running" and (launch_gone(self.summary)
+                                    or now - _last_write(self.dir) > stale_after_min * 60):
             return "incomplete"
         return status
 
@@ -414,7 +420,7 @@ def markdown_row(rec: dict[str, Any], spec: TableSpec, best: dict[str, float | N
         diverged += " (" + ", ".join(f"s{s} @ {d}" for s, d in zip(rec["seeds_diverged"].split(","),
                                                                    rec["diverged_steps"].split(","))) + ")"
     failed = str(rec["n_failed"]) + (f" (s{rec['seeds_failed']})" if rec["n_failed"] else "")
-    not_done = "; ".join(filter(None, (_seeds_text(rec, s) for s in ("running", "incomplete", "missing"))))
+    not_done = "; ".join(filter(None, (_seeds_text(rec, s) for s in NOT_DONE)))
     return [cell, *(rec[k] for k in spec.axes), *(str(rec[c]) for c in spec.columns),
             *(_score(rec, m, best[m.name]) for m in spec.metrics), str(rec["n_finished"]), diverged, failed,
             not_done, _num(rec["attention_entropy_final"], 3), _num(rec["attention_entropy_min"], 3),
@@ -479,8 +485,10 @@ READING = (
     "(the final value each run recorded; ↑ higher or ↓ lower is better, the best row in bold); attention entropy (nats, mean over layers of each run's final and "
     "minimum-over-training value) and loss spikes are averaged over finished and diverged seeds. "
     "*diverged* runs hit a non-finite loss (seed @ step); *failed* runs raised an error (summary.json says "
-    "which); *running* runs are in progress; *incomplete* runs say running but have written nothing for "
-    "{stale:g} minutes (killed, or waiting for a requeue: re-run the sweep command to resume them); "
+    "which); *running* runs are in progress; *interrupted* runs were stopped by a signal (Ctrl-C, SIGTERM, "
+    "a preemption) after saving a checkpoint; *incomplete* runs say running but their process is gone "
+    "(seen on the host that ran them) or they have written nothing for {stale:g} minutes (killed, or "
+    "waiting for a requeue). Re-run the sweep command to resume interrupted and incomplete runs. "
     "*missing* seeds have no run dir. `paper` is the published number from results/paper_reference.yaml "
     "(full scale; empty where not known). Rows with [overrides] are runs of the cell with extra "
     "command-line overrides, kept apart from the table's own runs. Per-row run dirs are in the CSV."

@@ -7,6 +7,9 @@ import csv
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -348,3 +351,42 @@ def test_compare_defaults_to_each_runs_headline_metric(tmp_path):
     runs, _ = compare.resolve_runs([str(vit), str(lm)], tmp_path)
     # the ViT run predates headline_metric in summaries: read as val/acc
     assert compare.default_metrics(runs) == ["train/loss", "val/acc", "val/ppl", "diag/attention_entropy/min"]
+
+
+def with_launch(run_dir: Path, **record) -> None:
+    """Add the launch record (pid, host) the app writes into its "running" stub."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**summary, **record}))
+
+
+def test_running_stub_whose_process_is_gone_is_incomplete_at_once_on_its_host(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: its pid names no process now
+    host = socket.gethostname()
+    runs, now = tmp_path / "runs", time.time()
+    cases = {  # seed: (pid, host, minutes since the last write) -> state
+        0: ((child.pid, host, 0), "incomplete"),      # gone, seen on its own host: no need to wait
+        1: ((os.getpid(), host, 0), "running"),       # alive
+        2: ((child.pid, "other-node", 0), "running"),  # another host: only the age rule can tell
+        3: ((child.pid, "other-node", 240), "incomplete"),
+        4: ((os.getpid(), host, 240), "incomplete"),  # alive but silent for hours: hung, or the pid reused
+    }
+    for seed, ((pid, where, minutes), _) in cases.items():
+        stub = running_stub(runs, "vit_supervised/b16/deit", seed, minutes_ago=minutes)
+        with_launch(stub, pid=pid, host=where)
+        then = now - 60 * minutes
+        os.utime(stub / "summary.json", (then, then))
+    found, _ = results.find_runs(runs)
+    assert {r.seed: r.state(now) for r in found} == {seed: state for seed, (_, state) in cases.items()}
+
+
+def test_interrupted_run_is_counted_as_not_done(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    fake_run(runs, "vit_supervised/b16/deit", 0)
+    fake_run(runs, "vit_supervised/b16/deit", 1, status="interrupted")
+    assert main(["table", "vit_supervised", str(runs), "--seeds", "0,1", "--out", str(out)]) == 0
+    deit = row(table_rows(out, "vit_supervised"), "vit_supervised/b16/deit")
+    assert (deit["n_finished"], deit["n_interrupted"], deit["seeds_interrupted"]) == ("1", "1", "1")
+    assert deit["val/acc n"] == "1"  # the interrupted run's metrics are not averaged in
+    md = (out / "vit_supervised" / "proxy.md").read_text()
+    assert "| interrupted 1 |" in md and "*interrupted* runs were stopped by a signal" in md
