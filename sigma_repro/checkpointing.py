@@ -3,6 +3,8 @@
 When (``RunCheckpoint``, the app's one checkpoint callback): ``checkpoints/last.ckpt`` is written every
 ``checkpoint_every_n_steps`` optimizer steps, at the end of training (so it always holds the final
 weights), and at the first step end after a SIGTERM, SIGUSR2 or SIGINT; never at an epoch end as such.
+Each save first writes out the loggers' buffered rows: metrics.csv then holds every row up to the
+checkpoint's step, which a resumed run does not log again.
 After a signal's checkpoint the signal goes on to the handler that had it before the fit, if that is
 a Python function: submitit's SIGUSR2 handler then requeues the job and exits (the summary stays
 "running" until the requeued job resumes), its SIGTERM handler only logs. Otherwise the run stops
@@ -178,6 +180,14 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save_final(trainer)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        # Loggers buffer rows until Lightning next logs (every log_every_n_steps; the diagnostics log
+        # between): rows logged before this checkpoint must be on disk with it, or a hard kill loses
+        # rows that the resumed run never logs again.
+        for logger in trainer.loggers:
+            logger.save()
+        super()._save_checkpoint(trainer, filepath)
 
     def _save_final(self, trainer) -> None:
         if not self._should_skip_saving_checkpoint(trainer):  # skips a step already saved
