@@ -4,11 +4,16 @@ The optimizer itself comes from the ``optim/`` config (``_target_`` = a torch or
 LARS and LAMB are timm's). This module decides which parameters decay and gives σReparam's γ its own
 group, because the paper's recipes differ exactly there: γ can be driven to zero by Adam at a high
 learning rate unless it gets a smaller learning rate or is kept out of weight decay.
+``check_optim_config`` refuses an ``optim`` config that cannot build its optimizer; the app calls it
+before any data is read (``sigma_repro.train.validate_config``).
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +69,46 @@ def parameter_groups(
     return [g for g in groups if g["params"]]
 
 
+def check_optim_config(optim: Mapping[str, Any]) -> None:
+    """The ``optim`` config can build its optimizer: ``_target_`` imports, every other key is an argument
+    of it (the parameter groups are the app's), ``lr`` is a positive number and ``weight_decay`` (when
+    set) a number >= 0. A zero learning rate is refused: such a run trains nothing. Raises ConfigError."""
+    target = optim.get("_target_")
+    try:
+        optimizer_class = hydra.utils.get_class(target)
+    except Exception as error:  # noqa: BLE001 - Hydra raises ImportError, ValueError or its own errors
+        raise ConfigError(
+            f"optim._target_ must name an optimizer class, e.g. torch.optim.AdamW; found {target!r}, which does "
+            f"not import ({error}). Fix the name, or pick optim=<one of conf/optim>."
+        ) from error
+    signature = inspect.signature(optimizer_class)
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        arguments = [name for name in signature.parameters if name != "params"]
+        for key in optim:
+            if key != "_target_" and key not in arguments:
+                close = difflib.get_close_matches(key, arguments, n=1)
+                raise ConfigError(
+                    f"optim.{key} is not an argument of {target}; its arguments are {arguments}. "
+                    f"{f'Did you mean optim.{close[0]}? ' if close else ''}Fix the name or drop optim.{key}."
+                )
+    _check_number(optim, "lr", zero_ok=False)
+    if "weight_decay" in optim:
+        _check_number(optim, "weight_decay", zero_ok=True)
+
+
+def _check_number(optim: Mapping[str, Any], key: str, *, zero_ok: bool) -> None:
+    value = optim.get(key)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if math.isfinite(number) and (number > 0 or (zero_ok and number == 0)):
+        return
+    why = " (a zero learning rate trains nothing)" if number == 0 else ""
+    raise ConfigError(f"optim.{key} must be a number {'>=' if zero_ok else '>'} 0; found {value!r}{why}. "
+                      f"Set e.g. optim.{key}={'0.05' if zero_ok else '1e-3'}.")
+
+
 def build_optimizer(
     module: nn.Module,
     optim: dict[str, Any],
@@ -71,7 +116,9 @@ def build_optimizer(
     gamma_lr_mult: float = 1.0,
     gamma_weight_decay: bool = False,
 ) -> torch.optim.Optimizer:
-    """Instantiate the ``optim`` config (``_target_``, ``lr``, ``weight_decay``, ...) on ``module``'s groups."""
+    """Instantiate the ``optim`` config (``_target_``, ``lr``, ``weight_decay``, ...) on ``module``'s groups,
+    after ``check_optim_config``."""
+    check_optim_config(optim)
     cfg = dict(optim)
     lr, weight_decay = float(cfg["lr"]), float(cfg.get("weight_decay", 0.0))
     groups = parameter_groups(
