@@ -5,6 +5,7 @@ real on-disk formats; digits is the real bundled set, checked against scikit-lea
 """
 
 import gzip
+import os
 import pickle
 import random
 import warnings
@@ -305,6 +306,27 @@ def test_cifar10_missing_and_malformed_files(tmp_path):
         CIFAR10DataModule(root=str(tmp_path))
 
 
+def test_cifar10_pickles_are_read_without_running_code(tmp_path):
+    batches = fake_cifar10(tmp_path)
+    directory = tmp_path / "cifar-10-batches-py"
+    # the real files are Python 2 pickles (protocol 2): numpy's array reconstruction, nothing else
+    with open(directory / "data_batch_3", "wb") as f:
+        pickle.dump(batches["data_batch_3"], f, protocol=2)
+    dm = CIFAR10DataModule(root=str(tmp_path), batch_size=8, num_workers=0, augment=False)
+    assert dm.train_set.labels[16:24].tolist() == batches["data_batch_3"][b"labels"]
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    with open(directory / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": Exploit(), b"labels": [0]}, f)
+    with pytest.raises(ConfigError) as error:
+        CIFAR10DataModule(root=str(tmp_path))
+    assert str(directory / "data_batch_2") in str(error.value) and "posix.system" in str(error.value)
+    assert not (tmp_path / "pwned").exists()
+
+
 # --- ImageNet (ImageFolder) --------------------------------------------------------------------
 
 
@@ -345,6 +367,35 @@ def test_imagenet_folder_errors(tmp_path):
     (tmp_path / "train" / "n99999999").mkdir()
     with pytest.raises(ConfigError, match="n99999999"):  # a class folder without images
         ImageNetDataModule(root=str(tmp_path))
+
+
+def truncate_one_jpeg(root: Path) -> Path:
+    bad = root / "train" / "n01443537" / "n01443537_1.JPEG"
+    bad.write_bytes(bad.read_bytes()[:300])
+    return bad
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_imagenet_unreadable_file_is_named_before_its_batch_trains(tmp_path, num_workers):
+    fake_image_folder(tmp_path)
+    bad = truncate_one_jpeg(tmp_path)
+    dm = ImageNetDataModule(root=str(tmp_path), batch_size=2, num_workers=num_workers, image_size=32)
+    with pytest.raises(ConfigError) as error:
+        for batch in dm.train_dataloader():  # batches of 2 over 6 images: every image is read
+            dm.on_before_batch_transfer(batch, 0)
+    assert f"Cannot read image file {bad}: OSError" in str(error.value)
+    assert "data.skip_corrupt=true" in str(error.value)
+
+
+def test_imagenet_skip_corrupt_replaces_and_counts_unreadable_files(tmp_path):
+    fake_image_folder(tmp_path)
+    bad = truncate_one_jpeg(tmp_path)
+    dm = ImageNetDataModule(root=str(tmp_path), batch_size=2, num_workers=2, image_size=32, skip_corrupt=True)
+    with pytest.warns(UserWarning, match="1 unreadable image file"):
+        labels = torch.cat([dm.on_before_batch_transfer(batch, 0)[1] for batch in dm.train_dataloader()])
+    assert dm.unreadable_files == [str(bad)]  # marked in a loader worker, seen here
+    # the unreadable n01443537_1 (label 1) was replaced by the next file, n01443537_2 (label 1)
+    assert labels.tolist().count(1) == 3 and len(labels) == 6
 
 
 # --- exact resume under a real Trainer ---------------------------------------------------------

@@ -18,6 +18,7 @@ expected layout. Nothing is downloaded. Training order and augmentation come fro
 
 import gzip
 import pickle
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from sklearn.model_selection import train_test_split
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import default_loader
 from torchvision.transforms import v2
 
 from sigma_repro.data.base import StabilityDataModule
@@ -63,8 +65,8 @@ class ImageClassificationDataModule(StabilityDataModule):
         super().__init__()
         if not 1 <= batch_size <= len(train_set):
             raise ConfigError(
-                f"data.batch_size must be between 1 and the training set size ({len(train_set)}); "
-                f"found {batch_size}. Set data.batch_size lower."
+                f"data.batch_size must be a whole number from 1 to the training set's size ({len(train_set)}); "
+                f"found {batch_size}. Set data.batch_size in that range."
             )
         self.train_set, self.val_set = train_set, val_set
         self.num_classes, self.image_size, self.channels = num_classes, image_size, channels
@@ -318,9 +320,9 @@ class CIFAR10DataModule(ImageClassificationDataModule):
 
     each a pickle of a dict with ``b"data"``, (N, 3072) uint8 in R, G, B planes of 32x32, and
     ``b"labels"``, N ints in 0-9. Read directly (torchvision's CIFAR10 insists on the original
-    files' md5). Normalised with the training mean and std per channel; with ``augment``, training
-    images get the standard random 32x32 crop of the image padded by 4 (zeros) and a horizontal
-    flip at random.
+    files' md5) with ``CIFARUnpickler``, which runs no code a crafted file names. Normalised with
+    the training mean and std per channel; with ``augment``, training images get the standard random
+    32x32 crop of the image padded by 4 (zeros) and a horizontal flip at random.
     """
 
     def __init__(
@@ -340,6 +342,27 @@ class CIFAR10DataModule(ImageClassificationDataModule):
         )
 
 
+class CIFARUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch and nothing else: a pickle may call any function it names, so only
+    what the format's dict of bytes, ints, lists and a numpy uint8 array needs is admitted (numpy's
+    array and dtype reconstruction; ``_codecs.encode``, which protocol 2 uses for bytes)."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"it asks to call {module}.{name}, which a CIFAR-10 batch never does, so it was not loaded "
+                f"(a pickle can run any code it names)"
+            )
+        return super().find_class(module, name)
+
+
 def _read_cifar_batches(directory: Path, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, 3, 32, 32) uint8 and labels (N,) from CIFAR-10 pickle batches."""
     layout = f"{', '.join(CIFAR10_FILES['train'] + CIFAR10_FILES['val'])} in {directory}"
@@ -354,12 +377,12 @@ def _read_cifar_batches(directory: Path, names: list[str]) -> tuple[torch.Tensor
             )
         try:
             with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
+                batch = CIFARUnpickler(f, encoding="bytes").load()
             data, batch_labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
         except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as error:
             raise ConfigError(
-                f"{path} is not a CIFAR-10 batch: expected a pickled dict with b'data' and b'labels' "
-                f"({error!r}). Replace it with the file from cifar-10-python.tar.gz."
+                f"{path} is not a CIFAR-10 batch: expected a pickled dict with b'data' and b'labels'; found "
+                f"{type(error).__name__}: {error}. Replace it with the file from cifar-10-python.tar.gz."
             ) from error
         if data.dtype != np.uint8 or data.shape[1:] != (3072,) or batch_labels.shape != data.shape[:1]:
             raise ConfigError(
@@ -386,6 +409,10 @@ class ImageNetDataModule(ImageClassificationDataModule):
     it while an auto-augment policy is set), random erasing with probability ``re_prob``. Eval: resize
     to ``image_size / 0.875``, centre crop ``image_size``. ImageNet mean/std. Mixup and CutMix are not
     provided: they mix labels, which is the task's business, not the loader's.
+
+    Images are decoded when read (``CheckedImageFolder``): the first unreadable file stops the run with
+    its name, before its batch is trained on; with ``skip_corrupt`` each is replaced by the next readable
+    file and a warning counts them (``unreadable_files`` lists them).
     """
 
     def __init__(
@@ -399,6 +426,7 @@ class ImageNetDataModule(ImageClassificationDataModule):
         auto_augment: str | None = "rand-m9-mstd0.5-inc1",
         re_prob: float = 0.25,
         color_jitter: float = 0.4,
+        skip_corrupt: bool = False,
     ):
         train_dir, val_dir = _check_image_folders(Path(root))
         train_transform = create_transform(
@@ -423,6 +451,32 @@ class ImageNetDataModule(ImageClassificationDataModule):
             num_workers=num_workers,
             seed=seed,
         )
+        self.root, self.skip_corrupt, self._skipped_reported = Path(root), skip_corrupt, 0
+
+    @property
+    def unreadable_files(self) -> list[str]:
+        """The image files found unreadable so far (train, then val), in this process and its loader workers."""
+        return [dataset.samples[i][0] for dataset in (self.train_set, self.val_set)
+                for i in dataset.unreadable.nonzero().flatten().tolist()]
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Before each batch (train or val) goes to the device: stop at the first unreadable image file,
+        naming it; with ``skip_corrupt``, say how many have been skipped whenever that number grows."""
+        if not (self.train_set.unreadable.any() or self.val_set.unreadable.any()):
+            return batch
+        unreadable = self.unreadable_files
+        if not self.skip_corrupt:
+            raise ConfigError(
+                f"Cannot read image file {unreadable[0]}: {_load_error(unreadable[0])}. Expected every file under "
+                f"{self.root / 'train'} and {self.root / 'val'} to be an image PIL can decode. Replace or delete "
+                f"it, or set data.skip_corrupt=true to train without unreadable files (each is replaced by the "
+                f"next readable file of its split and counted)."
+            )
+        if len(unreadable) > self._skipped_reported:
+            self._skipped_reported = len(unreadable)
+            warnings.warn(f"data.skip_corrupt=true: {len(unreadable)} unreadable image file(s) under {self.root} "
+                          f"replaced so far (latest seen: {unreadable[-1]})", stacklevel=1)
+        return batch
 
 
 IMAGE_FOLDER_LAYOUT = "root/train/<class>/*.JPEG and root/val/<class>/*.JPEG, the same class folders in both"
@@ -450,8 +504,46 @@ def _check_image_folders(root: Path) -> tuple[Path, Path]:
     return root / "train", root / "val"
 
 
-def _image_folder(directory: Path, transform: Callable) -> ImageFolder:
+class CheckedImageFolder(ImageFolder):
+    """An ``ImageFolder`` that survives image files PIL cannot decode, and remembers them.
+
+    Files are decoded only when read, in the loader workers: decoding ImageNet's 1.28M files up front
+    would take hours. An unreadable file (truncated, not an image) is marked in ``unreadable``, one
+    bool per file in shared memory, so the main process sees marks made by its workers; the item is
+    replaced by the next readable file of the split, with its label, so the batch still forms.
+    ``ImageNetDataModule.on_before_batch_transfer`` reads the marks: it stops the run naming the file,
+    or with ``skip_corrupt`` counts the files it skipped.
+    """
+
+    def __init__(self, root: Path, transform: Callable):
+        super().__init__(root, transform=transform)
+        self.unreadable = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        first = range(len(self.samples))[index]  # IndexError past the end, as ImageFolder: `for` loops stop
+        for i in (j % len(self.samples) for j in range(first, first + len(self.samples))):
+            path, label = self.samples[i]
+            try:
+                image = self.loader(path)
+            except (OSError, SyntaxError):  # PIL's errors for truncated, broken or non-image files
+                self.unreadable[i] = True
+                continue
+            return (self.transform(image) if self.transform is not None else image), label
+        raise ConfigError(f"None of the {len(self.samples)} image files under {self.root} can be read. Expected "
+                          f"{IMAGE_FOLDER_LAYOUT}, of images PIL can decode. Point data.root at an intact copy.")
+
+
+def _load_error(path: str) -> str:
+    """Why PIL cannot decode the image file ``path`` (read again here, in the main process)."""
     try:
-        return ImageFolder(directory, transform=transform)
+        default_loader(path)
+    except (OSError, SyntaxError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "it could not be read earlier (it reads now: a failing disk or a file being written?)"
+
+
+def _image_folder(directory: Path, transform: Callable) -> CheckedImageFolder:
+    try:
+        return CheckedImageFolder(directory, transform=transform)
     except FileNotFoundError as error:  # a class folder without image files
         raise ConfigError(f"{error} under {directory}. Expected {IMAGE_FOLDER_LAYOUT}.") from error
