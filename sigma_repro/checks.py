@@ -193,7 +193,7 @@ def check_runs_dir(job_dir: str | Path, key: str, value: Any) -> None:
                  f"{error.strerror or type(error).__name__} ({error.filename or job_dir})")
         also = " (or set SIGMA_REPRO_RUNS)" if key == "paths.runs_dir" else ""
         raise ConfigError(
-            f"{key}={value} must be a writable directory: the run writes {job_dir} there. Found {found}. "
+            f"{key}={value} must be a writable directory (the run's files go to {job_dir}); found {found}. "
             f"Point {key} at a writable directory{also}."
         ) from error
 

@@ -12,6 +12,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -20,6 +21,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+from sigma_repro.checks import check_runs_dir
 from sigma_repro.errors import ConfigError
 from sigma_repro.train import user_error, validate_config
 
@@ -95,6 +97,35 @@ def test_sigma_options_under_reparam_none_reach_the_user_unwrapped():
     with pytest.raises(hydra.errors.InstantiationException) as wrapped:
         hydra.utils.instantiate(cfg.reparam, _convert_="all")
     assert "reparam=none takes no σReparam options, found ['qkv']" in str(user_error(wrapped.value))
+
+
+def refuses_read_only(runs: Path) -> bool:
+    """Whether check_runs_dir refuses the read-only ``runs``, naming it and the OS's reason."""
+    try:
+        check_runs_dir(runs / "default" / "seed=0", "paths.runs_dir", runs)
+    except ConfigError as error:
+        return f"paths.runs_dir={runs} must be a writable directory" in str(error) and "Permission denied" in str(error)
+    return False
+
+
+def test_read_only_runs_dir_is_named():
+    with tempfile.TemporaryDirectory() as parent:  # not under tmp_path: pytest's root dir is private to root
+        Path(parent).chmod(0o755)
+        runs = Path(parent) / "runs"
+        runs.mkdir()
+        runs.chmod(0o555)
+        if os.geteuid() != 0:
+            assert refuses_read_only(runs)
+            return
+        pid = os.fork()  # root writes into read-only dirs: the check runs in a child that drops to nobody
+        if pid == 0:
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                os._exit(0 if refuses_read_only(runs) else 1)
+            finally:
+                os._exit(2)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
 
 
 # -- end to end: the real app as a subprocess -----------------------------------------------------
