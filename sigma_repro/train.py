@@ -4,12 +4,16 @@ One run, as data flows (DESIGN.md):
   compose conf/train.yaml -> deterministic job dir (no timestamps)
   -> DONE.json there: print the stored result and exit (idempotent re-runs and sweeps)
   -> build DataModule (validates paths) -> model (shapes from the data) -> reparam plugin
-  -> Task -> Trainer.fit, resuming from checkpoints/last.ckpt when it exists
-  -> summary.json ("running" while it runs, then finished | diverged | failed, with metrics,
-     divergence step, loss spikes, attention entropy, wall time, git sha, machine, resolved config
-     and the run's identity) -> DONE.json for finished and diverged runs.
-A failed run writes summary.json without DONE.json, so the same command retries it; inside a
-multirun it returns instead of raising, so one failure never takes the sweep down.
+  -> Task -> Trainer.fit, resuming from checkpoints/last.ckpt (or last.prev.ckpt when that does not
+     read; sigma_repro/checkpointing.py); checkpoints every N steps, at the end and on a stop signal
+  -> summary.json ("running" while it runs, with the launch's pid and host; then finished | diverged |
+     failed | interrupted, with metrics, divergence step, loss spikes, attention entropy, wall time,
+     git sha, machine, resolved config and the run's identity) -> DONE.json for finished and diverged runs.
+A failed or interrupted run writes summary.json without DONE.json, so the same command retries or
+resumes it; inside a multirun it returns instead of exiting, so one failure never takes the sweep down
+(the sweep tallies its cells at the end and exits non-zero if any failed: sigma_repro/sweeps.py).
+Before any compute a launch reads back what earlier ones left (sigma_repro/run_state.py): half-written
+files are repaired, and DONE.json is trusted only while the stored config is this command's.
 """
 
 from __future__ import annotations
@@ -31,12 +35,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from sigma_repro import provenance
+from sigma_repro import checks, provenance, run_state
 from sigma_repro.config import CONF_DIR
-from sigma_repro.errors import ConfigError
+from sigma_repro.errors import ConfigError, RunInterrupted
+from sigma_repro.run_state import DONE, SUMMARY
 from sigma_repro.slurm import finish_wandb, trainer_plugins
 
-SUMMARY, DONE = "summary.json", "DONE.json"
+# Config keys that never change what a run computes, besides the job dir's exclude_keys
+# (conf/train.yaml): where it writes and what it logs to.
+NOT_COMPUTED = ("paths", "logger")
 
 
 # -- run metadata ---------------------------------------------------------------------------------
@@ -60,7 +67,19 @@ def run_identity() -> dict[str, Any]:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Option combinations that cannot work, caught before any data is read or model built."""
+    """Values and option combinations that cannot work, caught before any data is read or model built:
+    unset ``???`` values, the seed, the optimizer's arguments, batch size, precision, accelerator and
+    device count, W&B credentials (sigma_repro.checks, sigma_repro.optim.check_optim_config), then
+    options that clash with each other."""
+    from sigma_repro.optim import check_optim_config
+
+    hc = HydraConfig.get()
+    checks.check_required_values(cfg, hc.runtime.choices)
+    checks.check_seed(cfg.seed)
+    check_optim_config(OmegaConf.to_container(cfg.optim, resolve=True))
+    checks.check_batch_size(cfg.data)
+    checks.check_trainer(cfg.trainer)
+    checks.check_wandb(cfg.logger)
     t = cfg.trainer
     clashes = []
     if t.max_steps in (None, -1) and t.max_epochs in (None, -1):
@@ -74,7 +93,6 @@ def validate_config(cfg: DictConfig) -> None:
                        "kernels nondeterministically; drop one")
     if cfg.checkpoint_every_n_steps < 1:
         clashes.append(f"checkpoint_every_n_steps must be >= 1, got {cfg.checkpoint_every_n_steps}")
-    hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN and hc.runtime.choices.get("hydra/launcher") == "basic" and _devices(t) > 1:
         # Lightning starts the other ranks by re-running this command line, sweep and all.
         clashes.append(f"a local multirun (-m) cannot train on trainer.devices={t.devices}: each extra process would "
@@ -128,18 +146,17 @@ def wandb_run_id(run_name: str) -> str:
 
 
 def build_trainer(cfg: DictConfig, out: Path, loggers: list):
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    """The configured Trainer with the run's callbacks, its checkpoint callback (last.ckpt every
+    ``checkpoint_every_n_steps``, at the end and on a stop signal) and atomic checkpoint writes."""
+    from sigma_repro.checkpointing import AtomicCheckpointIO, RunCheckpoint
 
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
     for c in callbacks:
         if hasattr(c, "save_dir") and c.save_dir is None:
             c.save_dir = str(out)
-    callbacks.append(ModelCheckpoint(
-        dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0, enable_version_counter=False,
-        every_n_train_steps=cfg.checkpoint_every_n_steps, save_on_train_epoch_end=True,
-    ))
+    callbacks.append(RunCheckpoint(out / "checkpoints", every_n_steps=cfg.checkpoint_every_n_steps))
     return hydra.utils.instantiate(cfg.trainer, default_root_dir=str(out), logger=loggers, callbacks=callbacks,
-                                   plugins=trainer_plugins())
+                                   plugins=[*trainer_plugins(), AtomicCheckpointIO()])
 
 
 # -- one run --------------------------------------------------------------------------------------
@@ -147,6 +164,7 @@ def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Fit one configured run in ``out``; returns the summary (status finished or diverged)."""
     import lightning as L
 
+    from sigma_repro.checkpointing import compute_environment, resume_point
     from sigma_repro.loggers import trim_metrics_after
 
     validate_config(cfg)
@@ -166,19 +184,20 @@ def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
     # <cell>/<overrides>/seed=<n>; a job dir placed outside the runs dir (hydra.run.dir=...) keeps its path
     run_name = str(job_dir.relative_to(runs_dir) if job_dir.is_relative_to(runs_dir) else job_dir)
     group = HydraConfig.get().runtime.choices.get("experiment") or "default"
-    last = out / "checkpoints" / "last.ckpt"
-    ckpt_path = str(last) if last.exists() else None
-    resumed = checkpoint_meta(last) if ckpt_path else None
-    if resumed and is_rank_zero():
-        trim_metrics_after(out / "metrics.csv", resumed["global_step"])
-        print(f"sigma-repro: resuming from {last}", flush=True)
+    # last.ckpt, else last.prev.ckpt, else step 0 (an unreadable checkpoint is set aside, and said so)
+    ckpt, resumed = resume_point(out / "checkpoints" / "last.ckpt", report=is_rank_zero())
+    if is_rank_zero():
+        # rows after the resumed step are logged again (all rows, when the run starts over)
+        trim_metrics_after(out / "metrics.csv", resumed["global_step"] if resumed else -1)
+        if resumed:
+            print(f"sigma-repro: resuming from {ckpt}", flush=True)
     loggers = build_loggers(cfg, out, run_name, group)
     for lg in loggers[1:]:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer = build_trainer(cfg, out, loggers)
     if resumed:
-        check_resume_world_size(resumed, trainer.world_size, last)
-    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+        check_resume_world_size(resumed, trainer.world_size, ckpt)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     metrics = scalar_metrics(trainer)
     if task.diverged_step is None and task.last_val_step != trainer.global_step:
         # Final metrics always describe the final weights, however the last epoch ended.
@@ -191,6 +210,7 @@ def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,
         "world_size": trainer.world_size,
+        **compute_environment(trainer.strategy.root_device),  # cpu_threads, device: both change results
         "loss_spikes": task.loss_spikes(),
         "headline_metric": {"name": task.headline_metric, "higher_is_better": task.higher_is_better},
         "metrics": metrics,
@@ -231,15 +251,20 @@ def _now() -> str:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    with tmp.open("w") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True, default=str))
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the new one
     tmp.replace(path)  # atomic: a reader never sees half a summary
 
 
-def print_summary(summary: dict[str, Any], out: Path, *, stored: bool = False) -> None:
-    head = "stored result (delete DONE.json to rerun)" if stored else "run ended"
+def print_summary(summary: dict[str, Any], out: Path, *, head: str = "run ended") -> None:
     lines = [f"sigma-repro: {head}: status {summary['status']}"]
     if summary.get("diverged_step") is not None:
         lines.append(f"  diverged at step {summary['diverged_step']}")
+    if summary["status"] == "interrupted":
+        lines.append(f"  stopped by {summary.get('signal')} at step {summary.get('steps')}; "
+                     f"the same command resumes from its checkpoint")
     if summary.get("error"):
         lines.append(f"  error: {summary['error']}")
     headline = summary.get("headline_metric")
@@ -259,15 +284,6 @@ def print_summary(summary: dict[str, Any], out: Path, *, stored: bool = False) -
         if (out / rel).exists():
             lines.append(f"  {label:11s} {out / rel}")
     print("\n".join(lines), flush=True)
-
-
-def checkpoint_meta(path: Path) -> dict[str, Any]:
-    """The global step and world size ``path`` was saved at, read without loading its tensors: they
-    are memory-mapped and never touched (a full load reads gigabytes per rank at ViT-L size)."""
-    import torch
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return {"global_step": ckpt["global_step"], "world_size": ckpt.get("sigma_repro", {}).get("world_size")}
 
 
 def check_resume_world_size(saved: dict[str, Any], world_size: int, last: Path) -> None:
@@ -311,33 +327,98 @@ def run_other_rank(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Rank > 0 of a multi-process run: it trains beside rank 0 (the collectives need every rank) and
     writes nothing to the run dir; summary.json, DONE.json, the launch count, metrics.csv and
     checkpoints are rank 0's. Errors propagate: a rank that fails ends the whole run."""
-    if (out / DONE).exists():  # SLURM starts every rank: all of them skip a finished run together
-        return json.loads((out / SUMMARY).read_text())
+    if (out / DONE).exists():  # SLURM starts every rank: all of them skip (or refuse) a finished run together
+        return stored_result(cfg, out)[0]
     return train(cfg, out)
+
+
+def stored_result(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
+    """What a run dir with DONE.json stands for, and how to head its print: its stored summary, or,
+    when that cannot be trusted (unreadable, or its config is not what this command composes), a
+    "failed" record saying why and what to do; that record is not written, the stored files stay."""
+    try:
+        summary = run_state.read_stored_result(out)
+        check_stored_config(summary, cfg, out)
+    except ConfigError as err:
+        return {"status": "failed", "error": str(err), "run_dir": str(out)}, "refused to trust DONE.json"
+    return summary, "stored result (delete DONE.json to rerun)"
+
+
+def check_stored_config(summary: dict[str, Any], cfg: DictConfig, out: Path) -> None:
+    """Refuse a finished run whose stored resolved config differs from this command's in a key that
+    changes what is computed (not the job dir's exclude_keys, nor ``NOT_COMPUTED``): edited by hand, or
+    changed by a config default that the job dir does not capture."""
+    ignore = [*HydraConfig.get().job.config.override_dirname.exclude_keys, *NOT_COMPUTED]
+    current = json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))  # as stored
+    differences = run_state.config_differences(summary.get("config", {}), current, ignore)
+    if differences:
+        shown = "; ".join(f"{key}: stored {old!r}, this command {new!r}" for key, old, new in differences[:10])
+        more = f"; and {len(differences) - 10} more" if len(differences) > 10 else ""
+        raise ConfigError(
+            f"{out / DONE} says this run ended, but the config stored in its {SUMMARY} is not what this command "
+            f"composes ({len(differences)} keys differ: {shown}{more}), so the stored result may not be this "
+            f"command's. To rerun it with this config, delete the run dir {out} (deleting only {DONE} would "
+            f"resume from the final checkpoint, trained with the stored config); to keep the stored run, give "
+            f"this command another paths.runs_dir."
+        )
+
+
+def report(summary: dict[str, Any], out: Path, head: str = "run ended") -> dict[str, Any]:
+    """Print the summary and return it; outside a multirun a failed or interrupted run exits 1 (a
+    multirun goes on to its other cells and counts this one in its tally)."""
+    print_summary(summary, out, head=head)
+    if summary["status"] in ("failed", "interrupted") and HydraConfig.get().mode != RunMode.MULTIRUN:
+        if "traceback" in summary:
+            print(summary["traceback"], file=sys.stderr)
+        sys.exit(1)
+    return summary
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run (or skip, or resume) the job whose dir Hydra chose; always leaves a summary.json.
 
-    Only global rank 0 writes to the run dir (``is_rank_zero``); other ranks go to ``run_other_rank``."""
+    First it reads back what earlier launches left (``run_state``): half-written files are repaired,
+    a finished run's result is returned only if its stored config is this command's, an unreadable
+    summary of an unfinished run is kept aside, W&B temp dirs of a killed launch are removed; each
+    repair is printed and listed in the summary under ``recovered``. Only global rank 0 writes to
+    the run dir (``is_rank_zero``); other ranks go to ``run_other_rank``."""
     out = Path(HydraConfig.get().runtime.output_dir)
     if not is_rank_zero():
         return run_other_rank(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
+    notes = run_state.recover_run_dir(out)
     if (out / DONE).exists():
-        summary = json.loads((out / SUMMARY).read_text())
-        print_summary(summary, out, stored=True)
-        return summary
+        say(notes)
+        summary, head = stored_result(cfg, out)
+        return report(summary, out, head)
 
     started = time.time()
-    previous = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).exists() else {}
+    previous, unreadable = run_state.read_previous_summary(out)
+    notes += [*unreadable, *run_state.remove_temp_dirs_of(previous)]
+    say(notes)
     launches = previous.get("launches", 0) + 1
     prior_wall = previous.get("wall_time_s", 0.0)
-    # "running" until this launch ends: a hard-killed run keeps this status (and its launch count).
+    recovered = [*previous.get("recovered", []), *(f"launch {launches}: {n}" for n in notes)]
+    wandb_on = cfg.logger.get("wandb", {}).get("enabled")
+    # "running" until this launch ends: a hard-killed run keeps this status (and its launch count); its
+    # pid and host tell the next launch and `sigma-repro table` whether it is gone.
     write_json(out / SUMMARY, {"status": "running", "launches": launches, "wall_time_s": prior_wall,
-                               "started_at": _now(), "run_dir": str(out), "seed": cfg.seed, **run_identity()})
+                               "started_at": _now(), "run_dir": str(out), "seed": cfg.seed, "recovered": recovered,
+                               **run_state.this_launch(), "tmp_dirs": run_state.wandb_temp_dirs() if wandb_on else [],
+                               **run_identity()})
     try:
         summary = train(cfg, out)
+    except (RunInterrupted, KeyboardInterrupt) as err:
+        # A stop signal: RunInterrupted once its checkpoint is written (sigma_repro.checkpointing); a
+        # KeyboardInterrupt came outside training: the run resumes from its last checkpoint.
+        from sigma_repro.checkpointing import resume_point
+
+        if isinstance(err, RunInterrupted):
+            signal_name, step = err.signal_name, err.step
+        else:
+            _, saved = resume_point(out / "checkpoints" / "last.ckpt", report=False)
+            signal_name, step = "SIGINT", saved["global_step"] if saved else 0
+        summary = {"status": "interrupted", "signal": signal_name, "steps": step}
     except Exception as err:  # noqa: BLE001 - recorded in summary.json; the sweep goes on
         bad_input = user_error(err)
         summary = {"status": "failed", "error": str(bad_input)} if bad_input else {
@@ -347,6 +428,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary.update(
         wall_time_s=round(time.time() - started + prior_wall, 2),
         launches=launches,
+        recovered=recovered,
         git_sha=provenance.git_sha(),
         machine=provenance.machine_info(),
         command=" ".join(sys.argv),
@@ -359,12 +441,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_json(out / SUMMARY, summary)
     if summary["status"] in ("finished", "diverged"):
         write_json(out / DONE, {"status": summary["status"], "summary": SUMMARY})
-    print_summary(summary, out)
-    if summary["status"] == "failed" and HydraConfig.get().mode != RunMode.MULTIRUN:
-        if "traceback" in summary:
-            print(summary["traceback"], file=sys.stderr)
-        sys.exit(1)
-    return summary
+    return report(summary, out)
+
+
+def say(notes: list[str]) -> None:
+    for note in notes:
+        print(f"sigma-repro: {note}", flush=True)
 
 
 def quiet_third_party() -> None:
