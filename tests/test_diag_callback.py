@@ -30,7 +30,7 @@ from sigma_repro.diagnostics.callbacks import (
     save_history,
 )
 from sigma_repro.errors import ConfigError
-from sigma_repro.reparam import apply_sigma_reparam
+from sigma_repro.reparam import apply_sigma_reparam, sigma_tracking_error
 from tests.helpers import TappedAttention
 
 
@@ -239,3 +239,35 @@ def test_bench_diagnostics_reports_the_ratio_of_its_recorded_times(tmp_path, cap
     assert overhead["measured"] == timed["train_s"] / plain["train_s"] - 1
     printed = capsys.readouterr().out
     assert "amortised" in printed and f"wrote {out}" in printed
+
+
+def test_sigma_tracking_error_is_logged_against_svd_and_leaves_training_unchanged(tmp_path):
+    on = AttentionDiagnostics(every_n_steps=2, probe_size=4)
+    _, task = fit(tmp_path / "on", 5, on)
+    off = AttentionDiagnostics(every_n_steps=2, probe_size=4, sigma_tracking_error=False)
+    _, task_off = fit(tmp_path / "off", 5, off)
+    # the probe took each power step an update left due, on the W the next forward would have: the
+    # same run; after training, the last one is still due in the run that did not log the error
+    params = dict(task_off.model.named_parameters())
+    assert all(torch.equal(p, params[k]) for k, p in task.model.named_parameters())
+    sigma_tracking_error(task_off.model)  # takes it
+    a, b = task.model.state_dict(), task_off.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    last = [r for r in logged_rows(tmp_path / "on") if r.get("diag/sigma_tracking_error/max")][-1]
+    assert int(last["step"]) == 5
+    errors = {}
+    for module_name, module in task.model.named_modules():  # independently: SVD of each final W
+        if hasattr(module, "parametrizations"):
+            reparam = module.parametrizations.weight[0]
+            w = module.parametrizations.weight.original.detach().double()  # (reading module.weight in
+            w = w.reshape(w.shape[0], -1)  # train mode would step: the other fit's optimizer stepped since)
+            for i, (block, tracked) in enumerate(zip(w.split(reparam.split_sizes), reparam.sigma.tolist())):
+                exact = torch.linalg.matrix_norm(block, ord=2).item()
+                errors[module_name + (f".{i}" if len(reparam.split_sizes) > 1 else "")] = (exact - tracked) / exact
+    for name, error in errors.items():
+        assert float(last[f"diag/sigma_tracking_error/{name}"]) == pytest.approx(error, abs=1e-6), name
+    assert float(last["diag/sigma_tracking_error/max"]) == pytest.approx(max(errors.values()), abs=1e-6)
+    saved = np.load(tmp_path / "on" / "diagnostics.npz")
+    assert saved["sigma_tracking_error"].shape == (4, len(errors))
+    assert "sigma_tracking_error" not in np.load(tmp_path / "off" / "diagnostics.npz")

@@ -26,7 +26,11 @@ pick (rank.py):
 - ``diag/grad_norm/{q,k,v,o}/L{i:02d}`` and ``diag/grad_ratio_qv/L{i:02d}`` = ||∂L/∂W_Q|| /
   ||∂L/∂W_V|| of the training batch at the probe steps except the last (if ``grad_norms``);
 - for models with σReparam, ``diag/sigma/<matrix>`` and ``diag/gamma/<matrix>`` (e.g.
-  ``blocks.0.attn.qkv``). Without the plugin there is no σ to log (exact SVDs of every matrix
+  ``blocks.0.attn.qkv``), and (if ``sigma_tracking_error``) ``diag/sigma_tracking_error/<matrix>``,
+  (exact σ by SVD − tracked σ) / exact σ, with ``diag/sigma_tracking_error/max``: how far one power
+  step per update lets σ lag (``reparam.power_iters`` bounds it). Reading it takes the power step
+  an update left due, on the same W the next training forward would take it on, so training is
+  unchanged. Without the plugin there is no σ to log (exact SVDs of every matrix
   every N steps are too slow at ViT-B size): run ``reparam=sigma_stats`` to track σ by power
   iteration in a baseline run without changing it.
 The history of all probes is kept in the callback's state (plain data), so a resumed run has the
@@ -54,6 +58,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import nn
@@ -64,6 +69,7 @@ from sigma_repro.diagnostics.gradients import ROLES, attention_grad_norms
 from sigma_repro.diagnostics.rank import capture_rank_collapse, transformer_blocks
 from sigma_repro.diagnostics.spectral import attention_logit_norms, reparam_gammas, reparam_sigmas
 from sigma_repro.errors import ConfigError
+from sigma_repro.reparam import sigma_tracking_error
 
 NPZ_NAME = "diagnostics.npz"
 PLOT_PATH = "plots/attention_entropy.png"
@@ -85,6 +91,8 @@ def _empty_history() -> dict[str, list]:
         "sigma": [],           # [S][M] tracked σ
         "gamma_names": [],     # [M'] matrices σReparam rescales
         "gamma": [],           # [S][M'] γ
+        "sigma_tracking_error_names": [],  # [M''] σReparam matrices (per split block)
+        "sigma_tracking_error": [],        # [S][M''] (exact σ - tracked σ) / exact σ
         "blocks": [],          # [B] transformer blocks (rank collapse)
         "token_cosine": [],    # [S][B]
         "residual_ratio": [],  # [S][B]
@@ -105,13 +113,15 @@ class AttentionDiagnostics(pl.Callback):
     rank_collapse: token cosine and residual ratio of every block output, from the probe forward.
     grad_norms: W_Q, W_K, W_V, W_O gradient norms of the training step at probe steps.
     logit_norms: per-head ||W_K,h W_Q,hᵀ||₂·scale from the effective weights.
+    sigma_tracking_error: with σReparam, tracked σ against an exact SVD of every matrix.
     blocks: fnmatch pattern(s) naming the transformer blocks (rank.py); None = the blocks the
         model declares.
     """
 
     def __init__(self, every_n_steps: int = 10, probe_size: int = 64, per_head: bool = True,
                  save_dir: str | None = None, *, rank_collapse: bool = True, grad_norms: bool = True,
-                 logit_norms: bool = True, blocks: str | list[str] | None = None) -> None:
+                 logit_norms: bool = True, sigma_tracking_error: bool = True,
+                 blocks: str | list[str] | None = None) -> None:
         if every_n_steps < 1 or probe_size < 1:
             raise ConfigError(
                 f"AttentionDiagnostics needs every_n_steps >= 1 and probe_size >= 1; got "
@@ -124,6 +134,7 @@ class AttentionDiagnostics(pl.Callback):
         self.rank_collapse = rank_collapse
         self.grad_norms = grad_norms
         self.logit_norms = logit_norms
+        self.sigma_tracking_error = sigma_tracking_error
         self.blocks = blocks
         self._probe_inputs: tuple[tuple, dict] | None = None
         self._layer_index: dict[str, int] = {}  # attention module name -> i in L{i:02d}
@@ -140,6 +151,11 @@ class AttentionDiagnostics(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # older checkpoints lack newer keys, or have them under their old names
         self.history = {**_empty_history(), **_renamed(copy.deepcopy(state_dict))}
+        if self.history["steps"] and "sigma_tracking_error" not in state_dict and self.sigma_tracking_error:
+            # its rows would not line up with the steps probed before: keep it off for this run
+            self.sigma_tracking_error = False
+            rank_zero_warn("AttentionDiagnostics: the checkpoint predates sigma_tracking_error; "
+                           "not logged in this resumed run")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not callable(getattr(pl_module, "probe_inputs", None)) or not hasattr(pl_module, "model"):
@@ -226,6 +242,8 @@ class AttentionDiagnostics(pl.Callback):
         precision = trainer.precision_plugin
         args, kwargs = precision.convert_input(move_data_to_device(self._probe_inputs, device))
         capture = capture_rank_collapse(model, self.blocks) if self.rank_collapse else nullcontext({})
+        # First: it takes a power step an update left due, so the probe sees the σ the next forward uses.
+        tracking = sigma_tracking_error(model) if self.sigma_tracking_error else {}
         with capture as blocks, precision.forward_context():
             entropy, entropy_norm = probe_attention_entropy(model, args, kwargs)
         probe = {
@@ -233,6 +251,7 @@ class AttentionDiagnostics(pl.Callback):
             "attention_entropy_norm": entropy_norm,
             "sigma": {_short_name(k): v for k, v in reparam_sigmas(model).items()},
             "gamma": {_short_name(k): v for k, v in reparam_gammas(model).items()},
+            "sigma_tracking_error": {_short_name(k): v for k, v in tracking.items()},
             "blocks": blocks,
             "attention_logit_norm": attention_logit_norms(model) if self.logit_norms else {},
         }
@@ -243,6 +262,7 @@ class AttentionDiagnostics(pl.Callback):
         h, first = self.history, not self.history["steps"]
         for names_key, found in (("layers", probe["attention_entropy"]), ("sigma_names", probe["sigma"]),
                                  ("gamma_names", probe["gamma"]), ("blocks", probe["blocks"]),
+                                 ("sigma_tracking_error_names", probe["sigma_tracking_error"]),
                                  ("attention_logit_layers", probe["attention_logit_norm"])):
             _check_same_names(h, names_key, list(found), not first)
             h[names_key] = list(found)
@@ -251,6 +271,7 @@ class AttentionDiagnostics(pl.Callback):
         h["attention_entropy_norm"].append([v.tolist() for v in probe["attention_entropy_norm"].values()])
         h["sigma"].append(list(probe["sigma"].values()))
         h["gamma"].append(list(probe["gamma"].values()))
+        h["sigma_tracking_error"].append(list(probe["sigma_tracking_error"].values()))
         if self.rank_collapse:
             h["token_cosine"].append([m["token_cosine"] for m in probe["blocks"].values()])
             h["residual_ratio"].append([m["residual_ratio"] for m in probe["blocks"].values()])
@@ -279,6 +300,10 @@ class AttentionDiagnostics(pl.Callback):
                                 for j, v in enumerate(heads)})
         metrics.update({f"diag/sigma/{name}": v for name, v in probe["sigma"].items()})
         metrics.update({f"diag/gamma/{name}": v for name, v in probe["gamma"].items()})
+        tracking = probe["sigma_tracking_error"]
+        metrics.update({f"diag/sigma_tracking_error/{name}": v for name, v in tracking.items()})
+        if tracking:
+            metrics["diag/sigma_tracking_error/max"] = max(tracking.values())
         return metrics
 
 
@@ -317,7 +342,7 @@ def save_history(history: dict[str, list], path: str | Path) -> None:
 def history_arrays(history: dict[str, list]) -> dict[str, np.ndarray]:
     """The arrays of diagnostics.npz: steps (S,), layers (L,), attention_entropy and
     attention_entropy_norm (S, L, H) (NaN-padded where layers have fewer heads); where recorded,
-    with their names: sigma and gamma (S, M); token_cosine and residual_ratio (S, B) over blocks;
+    with their names: sigma, gamma and sigma_tracking_error (S, M); token_cosine and residual_ratio (S, B) over blocks;
     attention_logit_norm (S, L', H) over attention_logit_layers; and grad_norm (G, L'', 4) at
     grad_steps over grad_layers, last axis grad_roles (q, k, v, o)."""
     arrays = {
@@ -326,7 +351,7 @@ def history_arrays(history: dict[str, list]) -> dict[str, np.ndarray]:
         "attention_entropy": _padded(history["attention_entropy"]),
         "attention_entropy_norm": _padded(history["attention_entropy_norm"]),
     }
-    for kind in ("sigma", "gamma"):
+    for kind in ("sigma", "gamma", "sigma_tracking_error"):
         if history[f"{kind}_names"]:
             arrays[f"{kind}_names"] = np.asarray(history[f"{kind}_names"], dtype=str)
             arrays[kind] = np.asarray(history[kind], dtype=np.float32)  # (S, M)
