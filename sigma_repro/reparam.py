@@ -447,17 +447,20 @@ def power_step(model: nn.Module) -> None:
         reparam.power_step(module.parametrizations[tensor_name].original)
 
 
-def sigma_tracking_error(model: nn.Module) -> dict[str, float]:
+def sigma_tracking_error(model: nn.Module, *, take_pending_step: bool = True) -> dict[str, float]:
     """(σ(W) − tracked σ) / σ(W) per reparameterised matrix and row block, σ(W) by exact SVD.
 
     Keys as `split_names` gives them ("blocks.0.attn.qkv.weight.1" for the v block under qk_v).
-    A pending step (an optimizer stepped since the last fit) is taken first, so the error is that
-    of the σ the next training forward uses; that step moves earlier, none is added.
+    With `take_pending_step`, a pending step (an optimizer stepped since the last fit) is taken
+    first, so the error is that of the σ the next training forward uses; that step moves earlier,
+    none is added. Without, nothing changes: the error of the tracked σ as it stands (the
+    diagnostics callback, which never alters the model it probes).
     """
     errors = {}
     for module_name, module, tensor_name, reparam in _parametrized(model):
         weight = module.parametrizations[tensor_name].original
-        reparam.step_if_stale(weight)
+        if take_pending_step:
+            reparam.step_if_stale(weight)
         with torch.no_grad():
             exact = torch.stack([torch.linalg.matrix_norm(b, ord=2) for b in _blocks(weight, reparam.split_sizes)])
             error = (exact - reparam.sigma.to(exact.dtype)) / exact

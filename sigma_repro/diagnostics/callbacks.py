@@ -28,9 +28,8 @@ pick (rank.py):
 - for models with σReparam, ``diag/sigma/<matrix>`` and ``diag/gamma/<matrix>`` (e.g.
   ``blocks.0.attn.qkv``), and (if ``sigma_tracking_error``) ``diag/sigma_tracking_error/<matrix>``,
   (exact σ by SVD − tracked σ) / exact σ, with ``diag/sigma_tracking_error/max``: how far one power
-  step per update lets σ lag (``reparam.power_iters`` bounds it). Reading it takes the power step
-  an update left due, on the same W the next training forward would take it on, so training is
-  unchanged. Without the plugin there is no σ to log (exact SVDs of every matrix
+  step per update lets σ lag (``reparam.power_iters`` bounds it). It compares the σ as the probe
+  finds it (the power step the last update left due is not taken: the probe changes nothing). Without the plugin there is no σ to log (exact SVDs of every matrix
   every N steps are too slow at ViT-B size): run ``reparam=sigma_stats`` to track σ by power
   iteration in a baseline run without changing it.
 The history of all probes is kept in the callback's state (plain data), so a resumed run has the
@@ -242,10 +241,9 @@ class AttentionDiagnostics(pl.Callback):
         precision = trainer.precision_plugin
         args, kwargs = precision.convert_input(move_data_to_device(self._probe_inputs, device))
         capture = capture_rank_collapse(model, self.blocks) if self.rank_collapse else nullcontext({})
-        # First: it takes a power step an update left due, so the probe sees the σ the next forward uses.
-        tracking = sigma_tracking_error(model) if self.sigma_tracking_error else {}
         with capture as blocks, precision.forward_context():
             entropy, entropy_norm = probe_attention_entropy(model, args, kwargs)
+        tracking = sigma_tracking_error(model, take_pending_step=False) if self.sigma_tracking_error else {}
         probe = {
             "attention_entropy": entropy,
             "attention_entropy_norm": entropy_norm,
