@@ -87,16 +87,22 @@ def test_run_writes_summary_and_rerun_returns_stored_result(tmp_path):
     assert only_run_dir(tmp_path) == run_dir
 
 
+def reference_and_killed_run(tmp_path: Path, common: list[str], kill_step: int) -> tuple[Path, Path]:
+    """An uninterrupted run under tmp_path/a, and the same run SIGKILLed at ``kill_step`` in
+    tmp_path/b/run (relaunch it with ``train(tmp_path / "b", *common, f"hydra.run.dir={run_dir}")``)."""
+    train(tmp_path / "a", *common)
+    run_dir = tmp_path / "b" / "run"
+    killed = train(tmp_path / "b", *common, f"hydra.run.dir={run_dir}",
+                   "+callbacks.kill._target_=tests.helpers.KillAtStep", f"+callbacks.kill.step={kill_step}",
+                   check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    return only_run_dir(tmp_path / "a"), run_dir
+
+
 def test_hard_kill_then_resume_matches_uninterrupted_run(tmp_path):
     common = [*FAST, "trainer.deterministic=true", "trainer.max_steps=40", "checkpoint_every_n_steps=5",
               "model.drop_rate=0.1", "data.batch_size=64"]
-    train(tmp_path / "a", *common)
-    ref_dir = only_run_dir(tmp_path / "a")
-
-    run_dir = tmp_path / "b" / "run"
-    killed = train(tmp_path / "b", *common, f"hydra.run.dir={run_dir}",
-                   "+callbacks.kill._target_=tests.helpers.KillAtStep", "+callbacks.kill.step=27", check=False)
-    assert killed.returncode == -9, killed.stderr[-2000:]
+    ref_dir, run_dir = reference_and_killed_run(tmp_path, common, kill_step=27)
     assert not (run_dir / "DONE.json").exists()
     step_at_kill = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert step_at_kill == 25  # mid-epoch: 1437 // 64 = 22 steps per epoch
