@@ -214,6 +214,7 @@ def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "loss_spikes": task.loss_spikes(),
         "headline_metric": {"name": task.headline_metric, "higher_is_better": task.higher_is_better},
         "metrics": metrics,
+        "data": datamodule.describe(),
         "wandb_run_id": wandb_run_id(run_name) if cfg.logger.get("wandb", {}).get("enabled") else None,
     }
 

@@ -18,7 +18,8 @@ class StabilityDataModule(pl.LightningDataModule):
 
     Subclasses read and check their files in the constructor (a ``ConfigError`` before any compute),
     and implement ``model_kwargs``, ``task_kwargs`` and ``probe_batch(n)`` (the fixed batch the
-    diagnostics probe, in whatever form the family's task turns into model inputs).
+    diagnostics probe, in whatever form the family's task turns into model inputs); ``describe()``
+    adds facts about the data to the run summary.
     """
 
     @property
@@ -33,3 +34,9 @@ class StabilityDataModule(pl.LightningDataModule):
 
     def probe_batch(self, n: int) -> Any:
         raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What the run summary records about the data under ``data`` (JSON values): the facts a
+        reader needs to know two runs saw the same data (corpus size and hash, interpreter version
+        of an embedded corpus, tokenizer). Default: nothing beyond the config."""
+        return {}
