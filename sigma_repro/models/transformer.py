@@ -32,16 +32,17 @@ TAU_DEPTHS = ("blocks", "sublayers")
 
 
 class FeedForward(nn.Module):
-    """Position-wise FFN: Linear(dim, ffn_dim) – activation – dropout – Linear(ffn_dim, dim)."""
+    """Position-wise FFN: Linear(dim, ffn_dim) – activation – dropout – Linear(ffn_dim, dim);
+    ``bias=False`` drops both Linears' biases."""
 
-    def __init__(self, dim: int, ffn_dim: int, *, activation: str = "relu", dropout: float = 0.0):
+    def __init__(self, dim: int, ffn_dim: int, *, activation: str = "relu", dropout: float = 0.0, bias: bool = True):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ConfigError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-        self.fc1 = nn.Linear(dim, ffn_dim)
+        self.fc1 = nn.Linear(dim, ffn_dim, bias=bias)
         self.act = ACTIVATIONS[activation]()
         self.dropout = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(ffn_dim, dim)
+        self.fc2 = nn.Linear(ffn_dim, dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.dropout(self.act(self.fc1(x))))
@@ -52,13 +53,13 @@ class SelfAttentionLayer(nn.Module):
     decoder-only (GPT) block."""
 
     def __init__(self, *, dim: int, num_heads: int, ffn_dim: int, causal: bool, activation: str,
-                 attention_dropout: float, activation_dropout: float, **residual):
+                 attention_dropout: float, activation_dropout: float, bias: bool, **residual):
         super().__init__()
         self.causal = causal
         self.self_attn = ResidualSublayer(
-            dim, MultiHeadAttention(dim, num_heads, dropout=attention_dropout), **residual)
+            dim, MultiHeadAttention(dim, num_heads, bias=bias, dropout=attention_dropout), **residual)
         self.ffn = ResidualSublayer(
-            dim, FeedForward(dim, ffn_dim, activation=activation, dropout=activation_dropout), **residual)
+            dim, FeedForward(dim, ffn_dim, activation=activation, dropout=activation_dropout, bias=bias), **residual)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         x = self.self_attn(x, key_padding_mask=padding_mask, causal=self.causal)
@@ -69,14 +70,14 @@ class DecoderLayer(nn.Module):
     """Causal self-attention, cross-attention to the encoder output, FFN: three residual sublayers."""
 
     def __init__(self, *, dim: int, num_heads: int, ffn_dim: int, activation: str, attention_dropout: float,
-                 activation_dropout: float, **residual):
+                 activation_dropout: float, bias: bool, **residual):
         super().__init__()
         self.self_attn = ResidualSublayer(
-            dim, MultiHeadAttention(dim, num_heads, dropout=attention_dropout), **residual)
+            dim, MultiHeadAttention(dim, num_heads, bias=bias, dropout=attention_dropout), **residual)
         self.cross_attn = ResidualSublayer(
-            dim, MultiHeadAttention(dim, num_heads, dropout=attention_dropout), **residual)
+            dim, MultiHeadAttention(dim, num_heads, bias=bias, dropout=attention_dropout), **residual)
         self.ffn = ResidualSublayer(
-            dim, FeedForward(dim, ffn_dim, activation=activation, dropout=activation_dropout), **residual)
+            dim, FeedForward(dim, ffn_dim, activation=activation, dropout=activation_dropout, bias=bias), **residual)
 
     def forward(self, x: Tensor, memory: Tensor, padding_mask: Tensor | None = None,
                 memory_padding_mask: Tensor | None = None) -> Tensor:
@@ -98,13 +99,15 @@ class TransformerStack(nn.Module):
     activation: "relu" | "gelu" (``ACTIVATIONS``).
     tau: branch weight of scheme "scaled"; default 1/sqrt(L) (Noci et al.), L = depth for
         tau_depth="blocks", or the number of residual sublayers (2 or 3 per layer) for "sublayers".
+    bias: False drops every bias of the stack: the attention and FFN Linears' and the LayerNorms'
+        (nanoGPT's ``bias=False``); True (default) keeps them all.
     """
 
     def __init__(self, layer: type[nn.Module], layer_options: dict, *, sublayers_per_layer: int,
                  deepnorm_depths: tuple[int, int], part: str, dim: int, depth: int, num_heads: int, ffn_dim: int,
                  norm: str = "post", scheme: str = "standard", dropout: float = 0.0, attention_dropout: float = 0.0,
                  activation_dropout: float = 0.0, activation: str = "relu", tau: float | None = None,
-                 tau_depth: str = "sublayers"):
+                 tau_depth: str = "sublayers", bias: bool = True):
         super().__init__()
         if depth < 1:
             raise ConfigError(f"depth must be at least 1, got {depth}")
@@ -122,10 +125,12 @@ class TransformerStack(nn.Module):
             residual["alpha"], beta = deepnorm_constants(*deepnorm_depths, part=part)
         self.layers = nn.ModuleList(
             layer(dim=dim, num_heads=num_heads, ffn_dim=ffn_dim, activation=activation,
-                  attention_dropout=attention_dropout, activation_dropout=activation_dropout,
+                  attention_dropout=attention_dropout, activation_dropout=activation_dropout, bias=bias,
                   **layer_options, **residual)
             for _ in range(depth))
-        self.final_norm = nn.LayerNorm(dim) if norm == "pre" else nn.Identity()
+        if not bias:
+            _drop_norm_biases(self, dim)
+        self.final_norm = nn.LayerNorm(dim, bias=bias) if norm == "pre" else nn.Identity()
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -149,6 +154,16 @@ class TransformerStack(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, ResidualSublayer):
                 yield name, module
+
+
+def _drop_norm_biases(stack: nn.Module, dim: int) -> None:
+    """Swap each sublayer's LayerNorm for one without a bias (``ResidualSublayer`` builds
+    ``nn.LayerNorm(dim)`` and takes no norm options)."""
+    for sublayer in stack.modules():
+        if isinstance(sublayer, ResidualSublayer):
+            for name in ("pre_norm", "post_norm"):
+                if isinstance(getattr(sublayer, name), nn.LayerNorm):
+                    setattr(sublayer, name, nn.LayerNorm(dim, bias=False))
 
 
 def _deepnorm_init(stack: nn.Module, beta: float) -> None:

@@ -1,5 +1,5 @@
 """What every task family shares: optimizer and schedule from config, divergence handling,
-loss-spike bookkeeping and per-step seeding for exact resume.
+loss-spike bookkeeping, per-step seeding for exact resume and training throughput.
 
 A task wraps ``self.model`` (the nn.Module the reparam plugin and the diagnostics see) and never
 reads files: data comes from a DataModule, the model from ``sigma_repro.models``.
@@ -8,11 +8,13 @@ reads files: data comes from a DataModule, the model from ``sigma_repro.models``
 from __future__ import annotations
 
 import statistics
+from time import perf_counter
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 
 from sigma_repro.checkpointing import compute_environment, warn_on_new_compute
@@ -39,7 +41,12 @@ class StabilityTask(L.LightningModule):
     """Base LightningModule: subclasses implement ``compute_loss(batch, stage) -> (loss, logs)``
     and ``probe_inputs(n) -> (args, kwargs)`` (the fixed batch the diagnostics probe), and name
     their headline metric (``headline_metric``, e.g. "val/acc", and ``higher_is_better``): the
-    run summary leads with it and ``sigma-repro compare`` plots it by default."""
+    run summary leads with it and ``sigma-repro compare`` plots it by default.
+
+    Throughput: ``train/<unit>_per_s`` (``train/samples_per_s``, ``train/tokens_per_s``), the
+    units of ``batch_size_units(batch)`` over the wall time since the previous training batch
+    ended: data loading, the step, checkpoints, logging and probes included, validation not.
+    """
 
     headline_metric: str
     higher_is_better: bool
@@ -64,6 +71,7 @@ class StabilityTask(L.LightningModule):
         self.train_losses: list[float] = []
         self.diverged_step: int | None = None
         self.last_val_step: int | None = None  # global step of the latest validation pass
+        self._last_batch_end: float | None = None  # perf_counter() at the previous training batch's end
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -109,6 +117,25 @@ class StabilityTask(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)
         return loss
 
+    def batch_size_units(self, batch: Any) -> tuple[int, str]:
+        """(count, unit) of the work in one training batch of this rank, e.g. (4096, "tokens");
+        default: the batch size in "samples" (Lightning's ``extract_batch_size``)."""
+        return extract_batch_size(batch), "samples"
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Wall time between consecutive batch ends, read from the host clock only: no GPU sync. The
+        # step already waited for its loss (train_losses), so queued work cannot pile up unmeasured.
+        now = perf_counter()
+        if self._last_batch_end is not None:
+            count, unit = self.batch_size_units(batch)
+            # every rank trains a batch of this size in the same interval (DDP steps in lockstep)
+            self.log(f"train/{unit}_per_s", count * self.trainer.world_size / (now - self._last_batch_end),
+                     on_step=True, on_epoch=False)
+        self._last_batch_end = now
+
+    def on_validation_start(self) -> None:
+        self._last_batch_end = None  # the next interval would include validation
+
     def on_after_backward(self) -> None:
         if self.diverged_step == self.global_step:  # the diverged step's zero gradients (DDP only)
             self.zero_grad(set_to_none=True)  # optimizers skip parameters without a gradient
@@ -116,7 +143,8 @@ class StabilityTask(L.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         loss, logs = self.compute_loss(batch, "val")
         self.log("val/loss", loss, on_epoch=True, prog_bar=False, sync_dist=True)  # every rank's share of val
-        self.log_dict({f"val/{k}": v for k, v in logs.items()}, on_epoch=True, prog_bar=True)
+        # sync_dist averages plain tensors over ranks, as val/loss; torchmetrics Metrics sync themselves
+        self.log_dict({f"val/{k}": v for k, v in logs.items()}, on_epoch=True, prog_bar=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self.last_val_step = self.global_step
