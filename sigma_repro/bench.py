@@ -6,12 +6,15 @@ add a subcommand. `machine_info` and `time_call` are shared, so every record say
 was measured.
 
 `bench reparam` answers: what does σReparam cost per training step, at `--power-iters` power
-iterations per update of W? It times forward, backward and an AdamW step of the same timm ViT
-with and without σReparam in one process, interleaved (plain, reparam, plain, ...) so both see
-the same machine load, and reports medians after warmup.
+iterations per update of W? It times forward, backward and an AdamW step of the same model with
+and without σReparam in one process, interleaved (plain, reparam, plain, ...) so both see the same
+machine load, and reports medians after warmup. `--task vit` (default): a timm ViT on random
+images; `--task lm`: a GPT from conf/model/gpt_*.yaml on random byte tokens, by default the
+family's default run (gpt_tiny, vocabulary 256, block 128, batch 32 as data=stdlib) and batch 8,
+also reporting tokens/s.
 Wall time is synchronised with the GPU; on a shared CPU it is noisy, so process time is recorded
-too. The goal this was written for (ViT-S/16 at 224, batch >= 16, 2 CPU cores: <= 1.05x) is
-reported, not asserted.
+too. The goal this was written for (2 CPU cores, a realistic batch: ViT-S/16 at 224 batch >= 16,
+the LM at batch 32 x 128 tokens: <= 1.05x) is reported, not asserted.
 
 `bench diagnostics` answers: what does the AttentionDiagnostics callback cost? It trains the real
 ClassificationTask on the real DigitsDataModule with a model from conf/model/ (default the digits
@@ -43,6 +46,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from sigma_repro import provenance
 from sigma_repro.config import CONF_DIR
@@ -94,11 +98,21 @@ def _positive_ints(text: str) -> list[int]:
     return values
 
 
+def _lm_models() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("gpt_*.yaml"))
+
+
 def _add_reparam_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=list(VIT_SIZES), default="vit_small", help="timm ViT size, patch 16")
-    parser.add_argument("--depth", type=int, default=None, help="number of blocks (default: the size's 12)")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--batch-sizes", type=_positive_ints, default=[1, 4, 16], help="e.g. 1,4,16")
+    parser.add_argument("--task", choices=list(REPARAM_SUBJECTS), default="vit",
+                        help="vit: a timm ViT on images; lm: a GPT (conf/model/gpt_*.yaml) on tokens")
+    parser.add_argument("--model", choices=[*VIT_SIZES, *_lm_models()], default=None,
+                        help="vit: timm ViT size, patch 16 (default vit_small); lm: model config (default gpt_tiny)")
+    parser.add_argument("--depth", type=int, default=None, help="number of blocks (default: the size's)")
+    parser.add_argument("--img-size", type=int, default=None, help="vit only (default 224)")
+    parser.add_argument("--seq-len", type=int, default=None, help="lm only: tokens per sequence (default 128)")
+    parser.add_argument("--vocab-size", type=int, default=None, help="lm only (default 256, bytes)")
+    parser.add_argument("--batch-sizes", type=_positive_ints, default=None,
+                        help="e.g. 1,4,16 (default: vit 1,4,16; lm 8,32)")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per model and batch size")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model and batch size first")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -110,13 +124,85 @@ def _add_reparam_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the JSON record here")
 
 
-def _train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, dtype: str) -> Callable[[], None]:
+class BenchSubject(NamedTuple):
+    """What `bench reparam` trains for one --task: the plain model, ``batch(n) -> (inputs, targets)``
+    on the device, the header's description, and (unit, units per example) for a throughput
+    column, or None."""
+
+    model: nn.Module
+    batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+    title: str
+    units: tuple[str, int] | None
+
+
+def _resolve(args: argparse.Namespace, task: str, defaults: dict, foreign: tuple[str, ...]) -> None:
+    """Fill ``task``'s defaults into ``args`` (so the record holds what ran); refuse the other task's options."""
+    given = [f"--{name.replace('_', '-')}" for name in foreign if getattr(args, name) is not None]
+    if given:
+        raise ConfigError(f"option(s) {', '.join(given)} do not apply to --task {task}; drop them or pick the --task "
+                          f"they belong to")
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def _vit_subject(args: argparse.Namespace, device: torch.device) -> BenchSubject:
+    """A timm ViT (patch 16, 1000 classes) on random images."""
+    _resolve(args, "vit", {"model": "vit_small", "img_size": 224, "batch_sizes": [1, 4, 16]}, ("seq_len", "vocab_size"))
+    if args.model not in VIT_SIZES:
+        raise ConfigError(f"--task vit takes a ViT size {list(VIT_SIZES)}, got --model {args.model}; "
+                          f"GPT configs go with --task lm")
+    torch.manual_seed(0)
+    size = {**VIT_SIZES[args.model], **({"depth": args.depth} if args.depth else {})}
+    plain = VisionTransformer(img_size=args.img_size, patch_size=16, num_classes=1000, **size)
+
+    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.randn(n, 3, args.img_size, args.img_size, device=device)
+        return images, torch.randint(0, 1000, (n,), device=device)
+
+    return BenchSubject(plain, batch, f"{args.model} depth {args.depth or 12}, img {args.img_size}", None)
+
+
+def _lm_subject(args: argparse.Namespace, device: torch.device) -> BenchSubject:
+    """A GPT from conf/model/<model>.yaml, as the app builds it, on random tokens (next-token targets)."""
+    import hydra.utils
+    from omegaconf import OmegaConf
+
+    _resolve(args, "lm", {"model": "gpt_tiny", "seq_len": 128, "vocab_size": 256, "batch_sizes": [8, 32]},
+             ("img_size",))
+    if args.model not in _lm_models():
+        raise ConfigError(f"--task lm takes a GPT config {_lm_models()}, got --model {args.model}; "
+                          f"ViT sizes go with --task vit")
+    if args.seq_len < 1 or args.vocab_size < 1:
+        raise ConfigError(f"--seq-len and --vocab-size must be >= 1, got {args.seq_len} and {args.vocab_size}")
+    cfg = OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml")
+    if args.depth:
+        cfg.depth = args.depth
+    torch.manual_seed(0)
+    plain = hydra.utils.instantiate(cfg, vocab_size=args.vocab_size, max_seq_len=args.seq_len)
+
+    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.randint(0, args.vocab_size, (n, args.seq_len + 1), device=device)
+        return tokens[:, :-1], tokens[:, 1:]  # (n, T) inputs and their next tokens
+
+    params = sum(p.numel() for p in plain.parameters())
+    title = (f"{args.model} (depth {cfg.depth}, dim {cfg.dim}, {params / 1e6:.2f}M parameters), "
+             f"seq {args.seq_len}, vocab {args.vocab_size}")
+    return BenchSubject(plain, batch, title, ("tokens", args.seq_len))
+
+
+REPARAM_SUBJECTS = {"vit": _vit_subject, "lm": _lm_subject}
+
+
+def _train_step(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, dtype: str) -> Callable[[], None]:
+    """One AdamW training step on cross-entropy: logits (..., C) against targets (...), so image
+    labels (B,) and next tokens (B, T) alike."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss = F.cross_entropy(model(images), labels)
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = F.cross_entropy(model(inputs).flatten(0, -2), targets.flatten())
         loss.backward()
         optimizer.step()
 
@@ -144,20 +230,18 @@ def _run_reparam(args: argparse.Namespace) -> int:
         raise ConfigError(f"--repeats and --power-iters must be >= 1 and --warmup >= 0, "
                           f"got {args.repeats}, {args.power_iters} and {args.warmup}")
     device = _device(args)
-    torch.manual_seed(0)
-    size = {**VIT_SIZES[args.model], **({"depth": args.depth} if args.depth else {})}
-    plain = VisionTransformer(img_size=args.img_size, patch_size=16, num_classes=1000, **size).to(device).train()
+    subject = REPARAM_SUBJECTS[args.task](args, device)
+    plain = subject.model.to(device).train()
     reparam = apply_sigma_reparam(copy.deepcopy(plain), qkv=args.qkv, power_iters=args.power_iters)
     models = {"plain": plain, "reparam": reparam}
     if args.compile:
         models = {name: torch.compile(model) for name, model in models.items()}
 
     record = {"benchmark": "reparam", "config": vars(args), "machine": machine_info(device), "results": []}
-    _print_reparam_header(record)
+    _print_reparam_header(record, subject)
     for batch_size in args.batch_sizes:
-        images = torch.randn(batch_size, 3, args.img_size, args.img_size, device=device)
-        labels = torch.randint(0, 1000, (batch_size,), device=device)
-        steps = {name: _train_step(model, images, labels, args.dtype) for name, model in models.items()}
+        inputs, targets = subject.batch(batch_size)
+        steps = {name: _train_step(model, inputs, targets, args.dtype) for name, model in models.items()}
         samples = {name: {"wall_s": [], "process_s": []} for name in models}
         for repeat in range(args.warmup + args.repeats):
             for name, step in steps.items():  # interleaved: both models see the same load
@@ -171,26 +255,34 @@ def _run_reparam(args: argparse.Namespace) -> int:
             **{name: {**medians[name], "samples": samples[name]} for name in models},
             "ratio": {kind: medians["reparam"][kind] / medians["plain"][kind] for kind in ("wall_s", "process_s")},
         }
+        if subject.units:
+            unit, per_example = subject.units
+            result[f"{unit}_per_s"] = {name: batch_size * per_example / medians[name]["wall_s"] for name in models}
         record["results"].append(result)
-        _print_reparam_row(result)
+        _print_reparam_row(result, subject)
     _write_record(record, args.out)
     return 0
 
 
-def _print_reparam_header(record: dict) -> None:
+def _print_reparam_header(record: dict, subject: BenchSubject) -> None:
     c, m = record["config"], record["machine"]
-    print(f"σReparam training-step time: {c['model']} depth {c['depth'] or 12}, img {c['img_size']}, "
+    print(f"σReparam training-step time: {subject.title}, "
           f"{m['device_name']}, {c['dtype']}{', compiled' if c['compile'] else ''}, qkv={c['qkv']}, "
           f"power_iters={c['power_iters']}, "
           f"{m['torch_threads']} threads, median of {c['repeats']} after {c['warmup']} warmup")
+    rate = f"  {'plain ' + subject.units[0] + '/s':>14}  {'reparam ' + subject.units[0] + '/s':>16}" if subject.units else ""
     print(f"{'batch':>5}  {'plain wall s':>12}  {'reparam wall s':>14}  {'ratio':>6}  "
-          f"{'plain cpu s':>11}  {'reparam cpu s':>13}  {'ratio':>6}", flush=True)
+          f"{'plain cpu s':>11}  {'reparam cpu s':>13}  {'ratio':>6}{rate}", flush=True)
 
 
-def _print_reparam_row(r: dict) -> None:
+def _print_reparam_row(r: dict, subject: BenchSubject) -> None:
+    rate = ""
+    if subject.units:
+        per_s = r[f"{subject.units[0]}_per_s"]
+        rate = f"  {per_s['plain']:>14.0f}  {per_s['reparam']:>16.0f}"
     print(f"{r['batch_size']:>5}  {r['plain']['wall_s']:>12.4f}  {r['reparam']['wall_s']:>14.4f}  "
           f"{r['ratio']['wall_s']:>6.3f}  {r['plain']['process_s']:>11.4f}  "
-          f"{r['reparam']['process_s']:>13.4f}  {r['ratio']['process_s']:>6.3f}", flush=True)
+          f"{r['reparam']['process_s']:>13.4f}  {r['ratio']['process_s']:>6.3f}{rate}", flush=True)
 
 
 def _add_diagnostics_arguments(parser: argparse.ArgumentParser) -> None:
@@ -334,7 +426,7 @@ def _print_diagnostics(record: dict) -> None:
 
 
 BENCHMARKS = {
-    "reparam": Benchmark("training-step time of a timm ViT with and without σReparam",
+    "reparam": Benchmark("training-step time of a timm ViT (--task vit) or a GPT (--task lm) with and without σReparam",
                          _add_reparam_arguments, _run_reparam),
     "diagnostics": Benchmark("overhead of the AttentionDiagnostics callback on the digits ViT",
                              _add_diagnostics_arguments, _run_diagnostics),
