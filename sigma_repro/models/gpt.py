@@ -25,6 +25,7 @@ the scheme), only the embeddings get GPT-2's.
 from __future__ import annotations
 
 import math
+from numbers import Integral
 
 import torch
 from torch import Tensor, nn
@@ -57,9 +58,9 @@ class GPT(nn.Module):
                  tau_depth: str = "sublayers"):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("max_seq_len", max_seq_len), ("dim", dim)):
-            if not (isinstance(value, int) and value >= 1):
+            if not (isinstance(value, Integral) and not isinstance(value, bool) and value >= 1):
                 raise ConfigError(f"GPT needs model.{name} to be an integer >= 1, found {value!r}")
-        self.max_seq_len = max_seq_len
+        self.max_seq_len = int(max_seq_len)
         self.tok_emb = nn.Embedding(vocab_size, dim)
         self.pos_emb = nn.Embedding(max_seq_len, dim)  # learned positions, as GPT-2's wpe
         self.drop = nn.Dropout(dropout)
