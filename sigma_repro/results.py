@@ -15,6 +15,11 @@ seeds, and every expected seed accounted for as finished, diverged, failed, runn
 incomplete or missing. Nothing is dropped silently: runs of a cell with extra overrides (``trainer.max_steps=2``)
 get rows of their own, runs at the other scale are counted in the header.
 
+A table whose ``report:`` declares ``view: lr_stability`` (one that sweeps a learning-rate grid) is
+also shown one row per cell: the largest learning rate that trained stably (mean over seeds), the
+loss at each lr and where attention entropy collapsed (definitions: ``LrStabilityView``), first in
+``<scale>.md``, in ``<scale>_lr_stability.csv``, and drawn in ``<scale>_loss_vs_lr.png``.
+
 The run-reading helpers here (``find_runs``, ``runs_root``, ``metric_curve``) also serve
 ``sigma-repro compare``.
 """
@@ -236,6 +241,7 @@ class TableSpec:
     seeds: list[int]
     metrics: list[Metric]
     columns: list[str]
+    view: LrStabilityView | None = None  # report.view: a second view of the same runs (below)
 
 
 def _run_norm(run: Run) -> str:
@@ -278,6 +284,96 @@ def _report(name: str, report: dict[str, Any] | None) -> tuple[list[Metric], lis
     return metrics, columns
 
 
+VIEWS = ("lr_stability",)  # report.view: how else a table can show its runs
+SCALES = ("proxy", "full")
+
+
+@dataclass
+class LrStabilityView:
+    """``report: {view: lr_stability, lr_stability: {...}}``: for a table that sweeps a learning-rate
+    grid, one row per cell (at each value of any other swept key): the largest learning rate that
+    trained stably, the loss at each lr and where attention entropy collapsed. The thresholds are
+    per scale (the loss of a byte-level proxy and of a word-level full run are not comparable).
+
+    Per run (``lr_outcome``, ``collapse_step``):
+    - *stable*: status finished and the final ``loss`` (a summary metric, e.g. val/loss) finite and
+      below ``stable_loss_below[scale]``; a run that finished at or above it (one that plateaued at
+      the uniform-prediction loss) is *unstable*; a *diverged* run (a non-finite training loss
+      stopped it) is unstable too. Failed, running, interrupted, incomplete and missing runs say
+      nothing about stability: they are counted as not known.
+    - *entropy collapsed*: its minimum attention entropy (min over layers and probes of each layer's
+      mean over heads, query positions and probe examples; summary.json ``attention_entropy.min``)
+      below ``collapse_entropy_below[scale]`` nats; its *collapse step* is the first probe step at
+      which ``diag/attention_entropy/min`` in its metrics.csv is below that threshold.
+
+    Per row (``lr_row_record``), over the seeds that ended at least one run:
+    - *max stable lr*: per seed the largest lr (optim.lr) at which its run was stable; the mean over
+      the seeds that have one; flagged where a seed was stable at the top of the grid (the grid does
+      not reach its limit) or unstable at a lower lr too;
+    - *divergence lr*: per seed the smallest lr above its max stable lr at which its run was unstable
+      (for a seed stable nowhere: its smallest unstable lr); the mean over the seeds that have one;
+    - *entropy collapse lr*: the smallest lr at which the mean over finished and diverged seeds of the
+      run's minimum attention entropy is below the collapse threshold;
+    - *entropy collapsed in unstable runs*: how many of the unstable runs collapsed; how many of the
+      diverged ones had a collapse step at or before their divergence step, and the mean number of steps
+      between the two.
+    """
+
+    lr_axis: str
+    loss: str
+    stable_loss_below: dict[str, float]
+    collapse_entropy_below: dict[str, float]
+
+    def thresholds(self, scale: str, table: str) -> tuple[float, float]:
+        """(stable-loss threshold, collapse-entropy threshold) at ``scale``."""
+        missing = [key for key in ("stable_loss_below", "collapse_entropy_below") if scale not in getattr(self, key)]
+        if missing:
+            raise ConfigError(f"conf/table/{table}.yaml: report.lr_stability.{missing[0]} has no value for "
+                              f"scale={scale}; add `{scale}: <number>` to it")
+        return self.stable_loss_below[scale], self.collapse_entropy_below[scale]
+
+
+def _per_scale(where: str, key: str, raw: Any) -> dict[str, float]:
+    ok = isinstance(raw, dict) and raw and all(
+        k in SCALES and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for k, v in raw.items())
+    if not ok:
+        raise ConfigError(f"{where}: report.lr_stability.{key} needs a positive number per scale "
+                          f"({' and/or '.join(SCALES)}), e.g. `{key}: {{proxy: 2.5, full: 5.0}}`; found {raw!r}")
+    return {k: float(v) for k, v in raw.items()}
+
+
+def _view(name: str, report: dict[str, Any] | None, axes: dict[str, list[str]]) -> LrStabilityView | None:
+    """The table's ``report.view`` (None: the plain table only) and its options block."""
+    where = f"conf/table/{name}.yaml"
+    view = (report or {}).get("view")
+    if view is None:
+        if "lr_stability" in (report or {}):
+            raise ConfigError(f"{where}: report.lr_stability is set but report.view is not; add `view: lr_stability`")
+        return None
+    if view not in VIEWS:
+        raise ConfigError(f"{where}: report.view {view!r} is not a known view; choose from {', '.join(VIEWS)}")
+    block = report.get("lr_stability")
+    example = ("`lr_stability: {lr_axis: lr_scale, loss: val/loss, stable_loss_below: {proxy: 2.5}, "
+               "collapse_entropy_below: {proxy: 0.3}}`")
+    if not isinstance(block, dict):
+        raise ConfigError(f"{where}: report.view lr_stability needs a report.lr_stability block, e.g. {example}")
+    known = {"lr_axis", "loss", "stable_loss_below", "collapse_entropy_below"}
+    if set(block) - known:
+        raise ConfigError(f"{where}: report.lr_stability has unknown keys {sorted(set(block) - known)}; "
+                          f"its keys are {sorted(known)}")
+    lr_axis = block.get("lr_axis", "lr_scale")
+    if lr_axis not in axes:
+        swept = ", ".join(axes) or "nothing besides experiment and seed"
+        raise ConfigError(f"{where}: view lr_stability reads the learning-rate grid from the swept key {lr_axis!r}, "
+                          f"but the table sweeps {swept}; add e.g. `{lr_axis}: 0.25,0.5,1,2,4,8` to "
+                          f"hydra.sweeper.params, or name the swept key in report.lr_stability.lr_axis")
+    if not isinstance(block.get("loss"), str) or not block["loss"]:
+        raise ConfigError(f"{where}: report.lr_stability.loss must name the summary metric a run's stability is "
+                          f"judged by, e.g. `loss: val/loss`; found {block.get('loss')!r}")
+    return LrStabilityView(lr_axis, block["loss"], _per_scale(where, "stable_loss_below", block.get("stable_loss_below")),
+                           _per_scale(where, "collapse_entropy_below", block.get("collapse_entropy_below")))
+
+
 def load_table(name: str, seeds: str | None = None, lr_grid: str | None = None) -> TableSpec:
     """conf/table/<name>.yaml, with the swept ``seed`` / ``lr_scale`` values replaced as on the sweep's
     command line (``seed=0,1``, ``lr_scale=1``)."""
@@ -296,8 +392,10 @@ def load_table(name: str, seeds: str | None = None, lr_grid: str | None = None) 
     except ValueError as err:
         raise ConfigError(f"table {name!r}: seeds must be a comma list of integers, e.g. 0,1,2 ({err})") from None
     cells = [c.strip() for c in str(params.pop("experiment")).split(",")]
-    metrics, columns = _report(name, OmegaConf.to_container(cfg.get("report"), resolve=True) if "report" in cfg else None)
-    return TableSpec(name, cells, {key: _values(v) for key, v in params.items()}, seed_list, metrics, columns)
+    report = OmegaConf.to_container(cfg.get("report"), resolve=True) if "report" in cfg else None
+    metrics, columns = _report(name, report)
+    axes = {key: _values(v) for key, v in params.items()}
+    return TableSpec(name, cells, axes, seed_list, metrics, columns, _view(name, report, axes))
 
 
 def paper_values(table: str) -> dict[str, Any]:
@@ -496,17 +594,22 @@ READING = (
 
 
 def write_table(out_dir: Path, spec: TableSpec, scale: str, records: list[dict[str, Any]], header: list[str],
-                stale_after_min: float) -> tuple[Path, Path]:
+                stale_after_min: float, view_lines: list[str] | None = None) -> tuple[Path, Path]:
+    """``<scale>.md`` (the header, then the table's view when it declares one, then every row) and
+    ``<scale>.csv`` (every row)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / f"{scale}.csv", out_dir / f"{scale}.md"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(records[0]))
         writer.writeheader()
         writer.writerows(records)
+    every_row = [f"## Every row: each cell at each {spec.view.lr_axis}", ""] if view_lines and spec.view else []
     md_path.write_text("\n".join([
         f"# Table {spec.name} (scale={scale})", "",
         f"What it reproduces and how it was run: recipes/{spec.name}.md.", "",
         *header, "",
+        *(view_lines or []),
+        *every_row,
         markdown_table(records, spec), "",
         READING.format(metrics=" and ".join(f"`{m.name}`" for m in spec.metrics)
                        + (" is" if len(spec.metrics) == 1 else " are"), stale=stale_after_min), "",
@@ -514,12 +617,405 @@ def write_table(out_dir: Path, spec: TableSpec, scale: str, records: list[dict[s
     return md_path, csv_path
 
 
+# -- the lr_stability view -----------------------------------------------------------------------
+# A table that sweeps a learning-rate grid, seen one row per cell: the largest lr that trained stably,
+# the loss at each lr and where attention entropy collapsed (definitions: LrStabilityView). Written as
+# a section of <scale>.md, as <scale>_lr_stability.csv and as the plot <scale>_loss_vs_lr.png.
+COLLAPSE_CURVE = "diag/attention_entropy/min"  # per probe step: min over layers of the mean over heads
+ENDED = ("stable", "unstable", "diverged")     # the outcomes that say how a run behaved
+
+
+def lr_outcome(run: Run, state: str, loss: str, stable_below: float) -> str:
+    """stable | unstable | diverged for a run that ended (LrStabilityView); otherwise its state
+    (failed, running, interrupted, incomplete)."""
+    if state == "diverged":
+        return "diverged"
+    if state != "finished":
+        return state
+    value = run.summary.get("metrics", {}).get(loss)
+    return "stable" if value is not None and np.isfinite(value) and value < stable_below else "unstable"
+
+
+def collapse_step(run: Run, below: float) -> int | None:
+    """The first probe step at which the run's minimum attention entropy over layers
+    (``diag/attention_entropy/min`` in its metrics.csv) fell below ``below`` nats; None if it never
+    did or the run has no metrics.csv."""
+    if not (run.dir / "metrics.csv").exists():
+        return None
+    steps, values = metric_curve(run.dir, COLLAPSE_CURVE)
+    return next((step for step, value in zip(steps, values) if value < below), None)
+
+
+def _entropy_min(run: Run) -> float | None:
+    """Minimum attention entropy over layers and probes (summary.json attention_entropy.min is per layer)."""
+    values = [v for v in run.summary.get("attention_entropy", {}).get("min", []) if v is not None and np.isfinite(v)]
+    return min(values) if values else None
+
+
+@dataclass
+class LrPoint:
+    """One run in the view: its seed, learning rate (optim.lr) and what it showed."""
+
+    run: Run
+    outcome: str
+    lr: float | None
+    loss: float | None
+    entropy_min: float | None
+    collapse_step: int | None
+
+
+@dataclass
+class LrColumn:
+    """One value of the lr axis; labelled by the learning rate itself when every run at it has one."""
+
+    value: str
+    label: str
+
+
+@dataclass
+class LrRow:
+    """A cell (at one value of every other swept key, plus any extra overrides) across the lr grid."""
+
+    cell: str
+    other_axes: dict[str, str]
+    extras: tuple[str, ...]
+    points: dict[str, list[LrPoint]]   # lr-axis value -> its runs
+    failed: dict[str, int]             # lr-axis value -> failed runs
+    not_done: dict[str, int]           # lr-axis value -> seeds running, interrupted, incomplete or missing
+
+    def lr(self, value: str) -> float | None:
+        """The learning rate the runs at this lr-axis value used (their mean, should they differ)."""
+        return _mean([p.lr for p in self.points.get(value, [])])
+
+    def seeds(self) -> list[int]:
+        return sorted({p.run.seed for pts in self.points.values() for p in pts if p.outcome in ENDED})
+
+
+def _axis_float(value: str, axis: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"view lr_stability: {axis}={value!r} is not a number; the lr axis must be numeric") from None
+
+
+def lr_rows(rows: list[Row], view: LrStabilityView, stable_below: float, collapse_below: float, now: float,
+            stale_after_min: float) -> tuple[list[LrRow], list[LrColumn]]:
+    """The table's rows regrouped one per cell (and value of other swept keys, and extra overrides),
+    with every run classified; and the lr columns in increasing order (the grid and any value only
+    runs made)."""
+    groups: dict[tuple, LrRow] = {}
+    for row in rows:
+        other = {k: v for k, v in row.axes.items() if k != view.lr_axis}
+        key = (row.cell, tuple(other.items()), row.extras)
+        group = groups.setdefault(key, LrRow(row.cell, other, row.extras, {}, {}, {}))
+        value = row.axes[view.lr_axis]
+        points, failed, not_done = group.points.setdefault(value, []), 0, 0
+        for run in row.runs:
+            state = run.state(now, stale_after_min)
+            outcome = lr_outcome(run, state, view.loss, stable_below)
+            if outcome == "failed":
+                failed += 1
+            elif outcome not in ENDED:
+                not_done += 1
+            loss = run.summary.get("metrics", {}).get(view.loss) if state == "finished" else None
+            points.append(LrPoint(run, outcome, float(run.config["optim"]["lr"]) if run.config else None,
+                                  loss if loss is not None and np.isfinite(loss) else None,
+                                  _entropy_min(run) if outcome in ENDED else None,
+                                  collapse_step(run, collapse_below) if outcome in ENDED else None))
+        seen = {r.seed for r in row.runs}
+        group.failed[value] = failed
+        group.not_done[value] = not_done + sum(1 for s in row.expected_seeds if s not in seen)
+    values = sorted({v for g in groups.values() for v in g.points}, key=lambda v: _axis_float(v, view.lr_axis))
+    columns = []
+    for value in values:
+        lrs = {f"{p.lr:.3g}" for g in groups.values() for p in g.points.get(value, []) if p.lr is not None}
+        columns.append(LrColumn(value, f"lr {lrs.pop()}" if len(lrs) == 1 else f"{view.lr_axis} {value}"))
+    return list(groups.values()), columns
+
+
+def _per_seed(row: LrRow, pick: Callable[[list[LrPoint]], float | None]) -> dict[int, float | None]:
+    """A value per seed that ended at least one run of the row, from that seed's ended runs."""
+    mine = {seed: [p for pts in row.points.values() for p in pts if p.run.seed == seed and p.outcome in ENDED]
+            for seed in row.seeds()}
+    return {seed: pick(points) for seed, points in mine.items()}
+
+
+def _largest_stable(points: list[LrPoint]) -> float | None:
+    return max((p.lr for p in points if p.outcome == "stable"), default=None)
+
+
+def _breaking(points: list[LrPoint]) -> float | None:
+    """The smallest lr above the largest stable one at which the run was unstable (with no stable lr:
+    the smallest unstable one)."""
+    stable = _largest_stable(points)
+    return min((p.lr for p in points if p.outcome in ("unstable", "diverged") and (stable is None or p.lr > stable)),
+               default=None)
+
+
+def _unstable_below(points: list[LrPoint]) -> bool:
+    """Unstable at a learning rate below the largest stable one (too slow at the low end, or a gap)."""
+    stable = _largest_stable(points)
+    return stable is not None and any(p.outcome in ("unstable", "diverged") and p.lr < stable for p in points)
+
+
+def _seed_values_text(values: dict[int, float | None], none: str) -> str:
+    return ", ".join(f"s{seed} {none if v is None else f'{v:.3g}'}" for seed, v in values.items())
+
+
+def lr_row_record(row: LrRow, columns: list[LrColumn], spec: TableSpec, paper: dict[str, Any],
+                  collapse_below: float) -> dict[str, Any]:
+    """One row of the view as plain data (the CSV row); the Markdown row is made from it."""
+    view = spec.view
+    top = columns[-1].value
+    max_stable = _per_seed(row, _largest_stable)
+    divergence = _per_seed(row, _breaking)
+    unstable_below = [seed for seed, below in _per_seed(row, _unstable_below).items() if below]
+    at_top = [p.run.seed for p in row.points.get(top, []) if p.outcome == "stable"]
+    unstable = [p for pts in row.points.values() for p in pts if p.outcome in ("unstable", "diverged")]
+    diverged = [p for p in unstable if p.outcome == "diverged"]
+    no_curve = [p for p in diverged if not (p.run.dir / "metrics.csv").exists()]
+    leads = [p.run.summary["diverged_step"] - p.collapse_step for p in diverged
+             if p.collapse_step is not None and p.run.summary.get("diverged_step") is not None
+             and p.collapse_step <= p.run.summary["diverged_step"]]
+    per_column: dict[str, Any] = {}
+    collapse_lr = None
+    for col in columns:
+        points = row.points.get(col.value, [])
+        ended = [p for p in points if p.outcome in ENDED]
+        entropy = _mean([p.entropy_min for p in ended])
+        collapsed = entropy is not None and entropy < collapse_below
+        if collapsed and collapse_lr is None:
+            collapse_lr = row.lr(col.value)
+        per_column |= {
+            f"{col.label}: {view.loss} mean": _mean([p.loss for p in points if p.outcome in ("stable", "unstable")]),
+            **{f"{col.label}: n_{o}": sum(p.outcome == o for p in points) for o in ENDED},
+            f"{col.label}: n_failed": row.failed.get(col.value, 0),
+            f"{col.label}: n_not_done": row.not_done.get(col.value, 0),
+            f"{col.label}: attention_entropy_min": entropy,
+            f"{col.label}: entropy_collapsed": collapsed,
+        }
+    runs = [p.run for pts in row.points.values() for p in pts]
+    columns_shown = [c for c in spec.columns if c != "lr"]  # the lr is in the column headers
+    return {
+        "cell": row.cell, **row.other_axes, "extra_overrides": ",".join(row.extras),
+        **_conditions(runs, columns_shown),
+        "max_stable_lr": _mean(list(max_stable.values())),
+        "max_stable_lr_n": sum(v is not None for v in max_stable.values()),
+        "max_stable_lr_seeds": _seed_values_text(max_stable, "none"),
+        "seeds_stable_at_top_lr": ",".join(map(str, at_top)),
+        "seeds_unstable_below_max_stable_lr": ",".join(map(str, unstable_below)),
+        "divergence_lr": _mean(list(divergence.values())),
+        "divergence_lr_n": sum(v is not None for v in divergence.values()),
+        "divergence_lr_seeds": _seed_values_text(divergence, "none"),
+        "seeds_ended": len(max_stable),
+        "entropy_collapse_lr": collapse_lr,
+        "unstable_runs": len(unstable),
+        "unstable_runs_collapsed": sum(p.entropy_min is not None and p.entropy_min < collapse_below for p in unstable),
+        "diverged_runs": len(diverged),
+        "collapsed_before_divergence": len(leads),
+        "diverged_without_metrics_csv": len(no_curve),
+        "collapse_lead_steps_mean": _mean(leads),
+        **per_column,
+        "paper": paper.get(row.cell) if not row.extras else None,
+    }
+
+
+def _lr_cell(rec: dict[str, Any], which: str, none: str, bound: bool) -> str:
+    """Max stable / divergence lr: the mean over seeds, each seed's value where they differ; ``none``
+    when no seed has one."""
+    n_seeds, n = rec["seeds_ended"], rec[f"{which}_n"]
+    if not n_seeds:
+        return ""
+    if not n:
+        return none
+    text = ("≥ " if bound else "") + f"{rec[which]:.3g}"
+    seeds = rec[f"{which}_seeds"]
+    if len({part.split(" ", 1)[1] for part in seeds.split(", ")}) > 1:
+        text += f" [{seeds}]"
+    return text
+
+
+def _loss_cell(rec: dict[str, Any], col: LrColumn, loss: str) -> str:
+    mean = rec[f"{col.label}: {loss} mean"]
+    marks = [f"{symbol}{rec[f'{col.label}: n_{key}']}" for key, symbol in
+             (("unstable", "*"), ("diverged", "†"), ("failed", "!"), ("not_done", "?")) if rec[f"{col.label}: n_{key}"]]
+    if rec[f"{col.label}: entropy_collapsed"]:
+        marks.append("◦")
+    return " ".join(["—" if mean is None else f"{mean:.3f}", *marks])
+
+
+def _collapse_cell(rec: dict[str, Any]) -> str:
+    """Of the unstable runs, how many collapsed; of the diverged ones, how many collapsed first."""
+    if not rec["unstable_runs"]:
+        return "no unstable run"
+    text = f"{rec['unstable_runs_collapsed']} of {rec['unstable_runs']}"
+    n, k = rec["diverged_runs"], rec["collapsed_before_divergence"]
+    if n:
+        text += f"; diverged: {k} of {n} before diverging" + (
+            f", {rec['collapse_lead_steps_mean']:.0f} steps ahead" if k else "")
+        missing = rec["diverged_without_metrics_csv"]
+        text += f" ({missing} without metrics.csv)" if missing else ""
+    return text
+
+
+def lr_stability_markdown(records: list[dict[str, Any]], rows: list[LrRow], columns: list[LrColumn],
+                          spec: TableSpec) -> str:
+    view = spec.view
+    other = [k for k in spec.axes if k != view.lr_axis]
+    shown = [c for c in spec.columns if c != "lr"]
+    head = ["cell", *other, *(c.replace("_", " ") for c in shown), "max stable lr (mean over seeds)",
+            "divergence lr (mean over seeds)", "paper", *(f"{view.loss} @ {c.label}" for c in columns),
+            "entropy collapse lr", "entropy collapsed in unstable runs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rec, row in zip(records, rows):
+        cell = rec["cell"].removeprefix(spec.name + "/") + (f" [{rec['extra_overrides']}]" if rec["extra_overrides"] else "")
+        lrs = [lr for lr in (row.lr(c.value) for c in columns) if lr is not None]
+        below, above = (f"< {lrs[0]:.3g}", f"> {lrs[-1]:.3g}") if lrs else ("none", "none")
+        lines.append("| " + " | ".join([
+            cell, *(rec[k] for k in other), *(str(rec[c]) for c in shown),
+            _lr_cell(rec, "max_stable_lr", below, bool(rec["seeds_stable_at_top_lr"]))
+            + (" (also unstable below it: " + ", ".join(f"s{seed}" for seed in
+                                                         rec["seeds_unstable_below_max_stable_lr"].split(",")) + ")"
+               if rec["seeds_unstable_below_max_stable_lr"] else ""),
+            _lr_cell(rec, "divergence_lr", above, False),
+            "" if rec["paper"] is None else f"{rec['paper']:g}",
+            *(_loss_cell(rec, c, view.loss) for c in columns),
+            *(("none" if rec["entropy_collapse_lr"] is None else f"{rec['entropy_collapse_lr']:.3g}",
+               _collapse_cell(rec)) if rec["seeds_ended"] else ("", "")),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+LR_READING = (
+    "How to read it: one row per cell. A run is *stable* when it finished with a final `{loss}` below "
+    "{stable:g}; a run that finished at or above it (e.g. one that plateaued at the uniform-prediction loss) "
+    "is *unstable*, and so is a *diverged* run (a non-finite training loss stopped it). Each `{loss} @ lr` "
+    "column is the mean final `{loss}` over the seeds that finished at that learning rate, marked *n where n "
+    "of them were unstable, †n where n diverged, !n failed, ?n not done (running, interrupted, incomplete or "
+    "missing), ◦ where attention entropy collapsed there: the mean over finished and diverged seeds of each "
+    "run's minimum attention entropy (min over layers and probes of the layer's mean over heads, query "
+    "positions and probe examples) is below {collapse:g} nats. *max stable lr*: per seed, the largest "
+    "learning rate at which that seed's run was stable, then the mean over the seeds that have one (each "
+    "seed's value in brackets where they differ, `none` for a seed stable nowhere); ≥ when a seed was stable "
+    "at the top of the grid, so the grid does not reach its limit; < the lowest lr when no seed was stable "
+    "anywhere; (also unstable below it: s…) names seeds that were unstable at some lower learning rate too "
+    "(too slow at the low end of the grid, or a gap). *divergence lr*: per seed, the smallest learning rate "
+    "above its largest stable one at which its run was unstable (for a seed stable nowhere, its smallest "
+    "learning rate); the mean over the seeds that have one; > the top lr when no seed broke on the grid. *entropy collapse lr*: the "
+    "smallest learning rate marked ◦; at or below the divergence lr, collapse comes with (or before) the "
+    "lr at which training breaks. *entropy collapsed in unstable runs*: of the row's unstable runs (at any "
+    "lr), how many had a minimum attention entropy below {collapse:g} nats; of its diverged runs, how many "
+    "had `diag/attention_entropy/min` below it at a probe at or before their divergence step (the last probe "
+    "reads the weights the diverging step started from), and the mean number of steps from that first "
+    "collapsed probe to the divergence. `paper` is the published number from "
+    "results/paper_reference.yaml (for this view, the learning rate at which the published model diverged; "
+    "full scale, empty where not known). Thresholds: conf/table/{table}.yaml `report.lr_stability`. "
+    "Per-lr counts, entropies and every seed's values are in {csv}; the plot is {plot}."
+)
+
+
+def draw_lr_stability(rows: list[LrRow], columns: list[LrColumn], spec: TableSpec, scale: str,
+                      stable_below: float, collapse_below: float):
+    """Final loss (top) and minimum attention entropy (bottom) against the learning rate (log x), one
+    colour per cell: a line through the mean over finished seeds, a filled dot per stable run, a hollow
+    one per unstable (finished, not below the threshold) run, an x along the top per diverged run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullLocator
+    from matplotlib.transforms import blended_transform_factory
+
+    view = spec.view
+    fig, (loss_ax, entropy_ax) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True, constrained_layout=True,
+                                              gridspec_kw={"height_ratios": [3, 2]})
+    top = blended_transform_factory(loss_ax.transData, loss_ax.transAxes)
+    for i, row in enumerate(rows):
+        color = f"C{i % 10}"
+        label = row.cell.removeprefix(spec.name + "/") + "".join(f" {k}={v}" for k, v in row.other_axes.items()) \
+            + (f" [{','.join(row.extras)}]" if row.extras else "")
+        xs, losses, entropies = [], [], []
+        for col in columns:
+            points = row.points.get(col.value, [])
+            lr = row.lr(col.value)
+            if lr is None:
+                continue
+            finished = [p.loss for p in points if p.outcome in ("stable", "unstable") and p.loss is not None]
+            xs.append(lr)
+            losses.append(np.mean(finished) if finished else np.nan)
+            entropy = _mean([p.entropy_min for p in points if p.outcome in ENDED])
+            entropies.append(np.nan if entropy is None else entropy)
+            for outcome, face in (("stable", color), ("unstable", "none")):
+                ys = [p.loss for p in points if p.outcome == outcome and p.loss is not None]
+                loss_ax.scatter([lr] * len(ys), ys, s=30, facecolors=face, edgecolors=color,
+                                zorder=3, gid=f"{outcome}:{row.cell}")
+            off_axis = [p for p in points if p.outcome == "diverged" or (p.outcome == "unstable" and p.loss is None)]
+            if off_axis:
+                # in the free band along the top, each cell at its own height so their marks stay apart
+                loss_ax.plot([lr] * len(off_axis), [0.985 - 0.017 * (i % 6)] * len(off_axis), "x", color=color,
+                             markersize=8, transform=top, gid=f"diverged:{row.cell}")
+        loss_ax.plot(xs, losses, "-", color=color, label=label if xs else f"_{label}", gid=f"mean:{row.cell}")
+        entropy_ax.plot(xs, entropies, "o-", color=color, markersize=4, gid=f"entropy:{row.cell}")
+    loss_ax.axhline(stable_below, color="grey", linestyle="--", linewidth=1)
+    entropy_ax.axhline(collapse_below, color="grey", linestyle="--", linewidth=1)
+    low, high = loss_ax.get_ylim()
+    loss_ax.set_ylim(low, high + 0.12 * (high - low))  # a free band along the top for the diverged runs' x
+    markers = [Line2D([], [], marker="o", linestyle="", color="k", label=f"stable: final {view.loss} < {stable_below:g}"),
+               Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="k",
+                      label=f"unstable: finished, final {view.loss} ≥ {stable_below:g}"),
+               Line2D([], [], marker="x", linestyle="", color="k", label="diverged (non-finite loss), drawn at the top"),
+               Line2D([], [], linestyle="--", color="grey", label="thresholds (report.lr_stability)")]
+    handles, _ = loss_ax.get_legend_handles_labels()
+    loss_ax.legend(handles=handles + markers, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle(f"{spec.name} (scale={scale}): final {view.loss} and attention entropy against the learning rate")
+    loss_ax.set(ylabel=f"final {view.loss}\n(line: mean over finished seeds)")
+    entropy_ax.set(xlabel="learning rate (optim.lr)",
+                   ylabel=f"min attention entropy (nats)\n(mean over seeds; collapse < {collapse_below:g})")
+    ticks = sorted({lr for row in rows for lr in (row.lr(c.value) for c in columns) if lr is not None})
+    for ax in (loss_ax, entropy_ax):
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    if ticks:  # the grid's learning rates, not decades: a factor-2 grid has few decade ticks
+        entropy_ax.set_xticks(ticks, [f"{lr:.3g}" for lr in ticks], rotation=45)
+        entropy_ax.xaxis.set_minor_locator(NullLocator())
+    return fig
+
+
+def write_lr_stability(out_dir: Path, rows: list[Row], spec: TableSpec, scale: str, paper: dict[str, Any],
+                       now: float, stale_after_min: float) -> tuple[list[str], Path, Path]:
+    """The view of an lr-grid table: its Markdown section (for <scale>.md), <scale>_lr_stability.csv
+    and the plot <scale>_loss_vs_lr.png."""
+    import matplotlib.pyplot as plt
+
+    stable_below, collapse_below = spec.view.thresholds(scale, spec.name)
+    grouped, columns = lr_rows(rows, spec.view, stable_below, collapse_below, now, stale_after_min)
+    records = [lr_row_record(row, columns, spec, paper, collapse_below) for row in grouped]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = out_dir / f"{scale}_lr_stability.csv", out_dir / f"{scale}_loss_vs_lr.png"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    fig = draw_lr_stability(grouped, columns, spec, scale, stable_below, collapse_below)
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    lines = [
+        "## Learning-rate stability (view lr_stability)", "",
+        lr_stability_markdown(records, grouped, columns, spec), "",
+        LR_READING.format(loss=spec.view.loss, stable=stable_below, collapse=collapse_below, table=spec.name,
+                          csv=csv_path.name, plot=png_path.name), "",
+        f"![final {spec.view.loss} against the learning rate]({png_path.name})", "",
+    ]
+    return lines, csv_path, png_path
+
+
 # -- the command ----------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("table", help=f"a table config in conf/table/ ({', '.join(table_names())})")
     parser.add_argument("runs_dir", nargs="?", default=None,
                         help="root of the run dirs (default: $SIGMA_REPRO_RUNS, else runs)")
-    parser.add_argument("--scale", default="proxy", choices=["proxy", "full"], help="which runs (default: proxy)")
+    parser.add_argument("--scale", default="proxy", choices=SCALES, help="which runs (default: proxy)")
     parser.add_argument("--metric", default=None,
                         help="summary metric to aggregate instead of the table's own (its report.metrics)")
     parser.add_argument("--lower-is-better", action="store_true", help="with --metric: lower values are better")
@@ -530,7 +1026,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stale-after", type=float, default=STALE_AFTER_MIN,
                         help=f"minutes without a write after which a 'running' run counts as incomplete "
                              f"(default: {STALE_AFTER_MIN:g})")
-    parser.add_argument("--out", default="results", help="tables go to <out>/<table>/<scale>.md and .csv")
+    parser.add_argument("--out", default="results", help="tables go to <out>/<table>/<scale>.md and .csv "
+                                                          "(with an lr_stability view: also _lr_stability.csv and "
+                                                          "_loss_vs_lr.png)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -552,10 +1050,16 @@ def run(args: argparse.Namespace) -> int:
     paper = paper_values(spec.name)
     if args.metric is not None:
         spec.metrics = [Metric(args.metric, not args.lower_is_better)]
-    records = [row_record(row, spec, paper, now, args.stale_after) for row in group_rows(spec, used)]
+    rows = group_rows(spec, used)
+    records = [row_record(row, spec, paper, now, args.stale_after) for row in rows]
     header = provenance_lines(args, spec, root, used, Counter(r.scale for r in cells if r.scale != args.scale),
                               unreadable)
-    md_path, csv_path = write_table(Path(args.out) / spec.name, spec, args.scale, records, header, args.stale_after)
+    out_dir = Path(args.out) / spec.name
+    view_lines, written = None, []
+    if spec.view is not None:
+        view_lines, view_csv, plot = write_lr_stability(out_dir, rows, spec, args.scale, paper, now, args.stale_after)
+        written = [f"view:  {view_csv}", f"plot:  {plot}"]
+    md_path, csv_path = write_table(out_dir, spec, args.scale, records, header, args.stale_after, view_lines)
     print(md_path.read_text())
-    print(f"table: {md_path}\ndata:  {csv_path}")
+    print("\n".join([f"table: {md_path}", f"data:  {csv_path}", *written]))
     return 0
