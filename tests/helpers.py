@@ -9,6 +9,12 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 
+def computed_metrics(summary: dict) -> dict:
+    """A run summary's metrics without throughput (``*_per_s``, a wall-clock rate no two runs share):
+    what an exactly resumed run must reproduce."""
+    return {k: v for k, v in summary["metrics"].items() if not k.endswith("_per_s")}
+
+
 class KillAtStep(Callback):
     """SIGKILLs the training process once ``trainer.global_step`` reaches ``step``: a real hard kill at
     a deterministic point. It runs before the checkpoint callback of that step, so the last checkpoint
