@@ -593,16 +593,21 @@ READING = (
 )
 
 
+def write_csv(path: Path, records: list[dict[str, Any]]) -> None:
+    """Plain-data rows (one dict each, the same keys) as a CSV file, its dir made if need be."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+
+
 def write_table(out_dir: Path, spec: TableSpec, scale: str, records: list[dict[str, Any]], header: list[str],
                 stale_after_min: float, view_lines: list[str] | None = None) -> tuple[Path, Path]:
     """``<scale>.md`` (the header, then the table's view when it declares one, then every row) and
     ``<scale>.csv`` (every row)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / f"{scale}.csv", out_dir / f"{scale}.md"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
+    write_csv(csv_path, records)
     every_row = [f"## Every row: each cell at each {spec.view.lr_axis}", ""] if view_lines and spec.view else []
     md_path.write_text("\n".join([
         f"# Table {spec.name} (scale={scale})", "",
@@ -991,12 +996,8 @@ def write_lr_stability(out_dir: Path, rows: list[Row], spec: TableSpec, scale: s
     stable_below, collapse_below = spec.view.thresholds(scale, spec.name)
     grouped, columns = lr_rows(rows, spec.view, stable_below, collapse_below, now, stale_after_min)
     records = [lr_row_record(row, columns, spec, paper, collapse_below) for row in grouped]
-    out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out_dir / f"{scale}_lr_stability.csv", out_dir / f"{scale}_loss_vs_lr.png"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
+    write_csv(csv_path, records)
     fig = draw_lr_stability(grouped, columns, spec, scale, stable_below, collapse_below)
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
