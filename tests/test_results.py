@@ -205,7 +205,8 @@ def test_paper_reference_names_every_cell_and_its_numbers_reach_the_table(tmp_pa
 
 def test_table_errors_say_what_was_expected(tmp_path, capsys):
     assert main(["table", "vit_nope", str(tmp_path)]) == 2
-    assert "unknown table 'vit_nope'; the tables are: vit_optimizers, vit_supervised" in capsys.readouterr().err
+    assert f"unknown table 'vit_nope'; the tables are: {', '.join(results.table_names())}" in capsys.readouterr().err
+    assert {"vit_optimizers", "vit_supervised", "lm_architectures", "lm_lr_stability"} <= set(results.table_names())
 
     assert main(["table", "vit_supervised", str(tmp_path), "--lr-grid", "1"]) == 2
     assert "does not sweep lr_scale; drop --lr-grid" in capsys.readouterr().err
