@@ -5,11 +5,16 @@ When (``RunCheckpoint``, the app's one checkpoint callback): ``checkpoints/last.
 weights), and at the first step end after a SIGTERM, SIGUSR2 or SIGINT; never at an epoch end as such.
 Each save first writes out the loggers' buffered rows: metrics.csv then holds every row up to the
 checkpoint's step, which a resumed run does not log again.
-After a signal's checkpoint the signal goes on to the handler that had it before the fit, if that is
-a Python function: submitit's SIGUSR2 handler then requeues the job and exits (the summary stays
-"running" until the requeued job resumes), its SIGTERM handler only logs. Otherwise the run stops
-with ``sigma_repro.errors.RunInterrupted``: the app records status "interrupted" with the step, and
-the same command resumes.
+
+Stop signals (``StopSignals``, held by the app for a whole launch, on every rank): in the training
+loop a signal is only noted; at the end of the step in flight every rank agrees on it, that step's
+checkpoint is written, the signal goes on to the handler that had it before the launch if that is a
+Python function (submitit's SIGUSR2 handler then requeues the job and exits: the summary stays
+"running" until the requeued job resumes; its SIGTERM handler only logs), and the fit stops with
+``sigma_repro.errors.RunInterrupted``. Anywhere else (building data and model, restoring, the
+sanity check, the final validation), and at a second Ctrl-C, the signal goes on in the same way and
+``Stopped`` ends the launch at once: the last checkpoint stands. Either way the app records status
+"interrupted" with the signal and the checkpoint's step, and the same command resumes.
 
 How (``AtomicCheckpointIO``, the Trainer's CheckpointIO plugin): into a temporary file in the same
 dir, fsynced, then renamed over ``last.ckpt``; the checkpoint it replaces becomes ``last.prev.ckpt``.
@@ -130,56 +135,173 @@ def warn_on_new_compute(saved: dict[str, Any], now: dict[str, Any]) -> None:
               f"on the same kind of device.", flush=True)
 
 
+class Stopped(BaseException):
+    """A launch ended at once by a stop signal outside the training loop, or by a second Ctrl-C; the
+    last checkpoint stands. A BaseException, as KeyboardInterrupt is: no ``except Exception`` on its way
+    (Hydra's instantiate, library code) catches or wraps it, and Lightning re-raises it after its
+    teardown (a KeyboardInterrupt it would turn into ``sys.exit(1)``, past the app's bookkeeping)."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(f"stopped by {signal_name}")
+        self.signal_name = signal_name
+
+
+class StopSignals:
+    """SIGTERM, SIGUSR2 and SIGINT for the length of one launch (``with StopSignals(): train(...)``).
+
+    Every signal is noted (``received``; ``first_in_process`` keeps the first for the whole process:
+    a local sweep stops at it, sigma_repro/sweeps.py). What else it does depends on ``mode``:
+    - "raise", from the start: it goes on to the handler from before the launch (``pass_on``) and
+      ``Stopped`` is raised where the launch is (then "note");
+    - "defer", set by ``RunCheckpoint`` for the training loop: nothing else; the callback saves the step
+      in flight, passes the signal on and raises RunInterrupted (then "note"). A second SIGINT raises
+      ``Stopped`` at once (Ctrl-C twice: stop now, without that step's checkpoint);
+    - "note" (``note_only``), once the launch is ending and being recorded: nothing else.
+    Leaving the block puts the handlers from before it back. A process forked inside the block (a
+    DataLoader worker) inherits the handler; there a signal does what it did before the launch
+    (Ctrl-C reaches the workers too; the launch's own process decides).
+    """
+
+    current: StopSignals | None = None  # the one this process holds: signal handlers are per process
+    first_in_process: str | None = None  # the name of the first stop signal any launch here received
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.mode = "raise"
+        self._before: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # Python sets handlers there only
+            self._before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+            self.install()
+        StopSignals.current = self
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for signum, handler in self._before.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        StopSignals.current = None
+
+    def install(self) -> None:
+        """Put this handler in front again (Lightning's fit sets its own SIGTERM handler)."""
+        for signum in self._before:  # empty when held outside the main thread
+            signal.signal(signum, self._handle)
+
+    def defer(self) -> None:
+        self.install()
+        self.mode = "defer"
+
+    def note_only(self) -> None:
+        self.mode = "note"
+
+    def pass_on(self, signum: int) -> None:
+        """Call the handler from before the launch if it is a Python function other than Python's own
+        KeyboardInterrupt raiser: submitit's SIGUSR2 handler requeues the job and exits here."""
+        before = self._before.get(signum)
+        if callable(before) and before is not signal.default_int_handler:
+            before(signum, None)
+
+    def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:  # a forked child: as before the launch
+            before = self._before.get(signum)
+            if callable(before):
+                before(signum, frame)  # Python's KeyboardInterrupt: DataLoader workers end on it quietly
+            elif before != signal.SIG_IGN:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
+        name = signal.Signals(signum).name
+        again = self.received == signal.SIGINT == signum
+        self.received = self.received or signum
+        StopSignals.first_in_process = StopSignals.first_in_process or name
+        if self.mode == "raise" or (self.mode == "defer" and again):
+            self.note_only()  # the launch is ending: a signal while it records that is only noted
+            self.pass_on(signum)
+            raise Stopped(name)
+
+
 class RunCheckpoint(ModelCheckpoint):
     """``last.ckpt`` every ``every_n_steps`` optimizer steps, at the end of training, and on a stop signal.
 
-    Stop signals (SIGTERM, SIGUSR2, SIGINT) are taken over from the first training batch to the end of
-    fit: the handler only notes the signal; at the end of the step in flight every rank agrees on it,
-    the checkpoint of that step is written, the handler in place before the fit is called if it is a
-    Python function (submitit's requeue; not Python's KeyboardInterrupt) and ``RunInterrupted`` ends
-    the fit (a signal after the last step lets the run finish: its final checkpoint is written anyway).
-    A second SIGINT raises KeyboardInterrupt at once. Lightning's teardown puts the handlers
-    from before the fit back. Lightning's own SIGTERM handler is left out while training: it would end
-    the fit at the epoch's end, or in the middle of a validation, without this checkpoint, and under
-    DDP it broadcasts from rank 0 alone.
+    Stop signals come from the launch's ``StopSignals`` (the app holds one on every rank; without one
+    the callback saves every N steps and at the end only). From the first training batch to the end
+    of training it defers them: at the end of the step in flight every rank agrees on a noted signal,
+    the checkpoint of that step is written, the signal is passed on (submitit's requeue) and
+    ``RunInterrupted`` ends the fit. At the fit's last step the fit ends first, so that the checkpoint
+    is the final one (the end-of-training probe and loop state in it), and then stops; a signal after
+    the last step's end (in the fit's last validation) lets the run finish. Lightning's own
+    SIGTERM handler is kept out while training: it would end the fit at the epoch's end, or in the
+    middle of a validation, without this checkpoint, and under DDP it broadcasts from rank 0 alone.
+
+    Each checkpoint also holds the run's latest scalar metrics (``trainer.callback_metrics``, the
+    last step's training metrics among them): a launch that resumes from the final checkpoint trains
+    no step, and gets them back at the end of its fit, so its summary is the uninterrupted run's.
     """
 
     def __init__(self, dirpath: str | Path, every_n_steps: int) -> None:
         super().__init__(dirpath=str(dirpath), save_last=True, save_top_k=0, enable_version_counter=False,
                          every_n_train_steps=every_n_steps, save_on_train_epoch_end=True)
-        self._signal: int | None = None
-        self._before_fit: dict[int, Any] = {}
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        # before Lightning registers its own SIGTERM handler (Trainer._run)
-        self._before_fit = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+        self._stop: StopSignals | None = None
+        self._stop_at_end: int | None = None  # a signal noted at the fit's last step
+        self._restored_metrics: dict[str, torch.Tensor] | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
-        self._signal = None
-        if threading.current_thread() is threading.main_thread():  # Python sets handlers there only
-            for signum in STOP_SIGNALS:
-                signal.signal(signum, self._note_signal)
-
-    def _note_signal(self, signum: int, frame) -> None:
-        if self._signal == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without the checkpoint
-        self._signal = self._signal or signum
+        self._restored_metrics = None  # this fit trains: it logs its own
+        self._stop_at_end = None
+        self._stop = StopSignals.current
+        if self._stop is not None:
+            self._stop.defer()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        signum = int(trainer.strategy.reduce(torch.tensor(self._signal or 0, device=trainer.strategy.root_device),
-                                             reduce_op="max")) if trainer.world_size > 1 else self._signal
-        if signum:
-            self._save_final(trainer)
-            chained = self._before_fit.get(signum)
-            if callable(chained) and chained is not signal.default_int_handler:
-                chained(signum, None)  # submitit's SIGUSR2 handler requeues the job and exits here
-            raise RunInterrupted(signal.Signals(signum).name, trainer.global_step)
+        noted = (self._stop.received if self._stop is not None else None) or 0
+        signum = int(trainer.strategy.reduce(torch.tensor(noted, device=trainer.strategy.root_device),
+                                             reduce_op="max")) if trainer.world_size > 1 else noted
+        if not signum:
+            return
+        if last_step_of_fit(trainer):
+            self._stop_at_end = signum  # on_train_end saves the final checkpoint, then stops
+            return
+        self._save_final(trainer)
+        self._stop_here(trainer, signum)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save_final(trainer)
+        if self._stop_at_end:
+            self._stop_here(trainer, self._stop_at_end)
+        self._stop_deferring()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._stop_deferring()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self._restored_metrics is not None:  # no step trained: the fit resumed at its end
+            for key, value in self._restored_metrics.items():
+                trainer.callback_metrics.setdefault(key, value)
+            self._restored_metrics = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        checkpoint["callback_metrics"] = {key: value.detach().cpu().clone()
+                                          for key, value in trainer.callback_metrics.items() if value.numel() == 1}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        self._restored_metrics = checkpoint.get("callback_metrics")  # checkpoints before this record: None
+
+    def _stop_here(self, trainer, signum: int) -> None:
+        if self._stop is not None:
+            self._stop.note_only()
+            self._stop.pass_on(signum)  # submitit's SIGUSR2 handler requeues the job and exits here
+        raise RunInterrupted(signal.Signals(signum).name, trainer.global_step)
+
+    def _stop_deferring(self) -> None:
+        if self._stop is not None and self._stop.mode == "defer":
+            self._stop.mode = "raise"
+        self._stop = None
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         # Loggers buffer rows until Lightning next logs (every log_every_n_steps; the diagnostics log
@@ -193,3 +315,11 @@ class RunCheckpoint(ModelCheckpoint):
         if not self._should_skip_saving_checkpoint(trainer):  # skips a step already saved
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+
+def last_step_of_fit(trainer) -> bool:
+    """Whether the step that just ended is the fit's last: ``max_steps`` reached, or the last batch of
+    the last of ``max_epochs`` epochs (as Lightning's fit and epoch loops decide)."""
+    if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
+        return True
+    last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+    return last_epoch and trainer.fit_loop.epoch_loop._num_ready_batches_reached()

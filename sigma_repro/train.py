@@ -327,10 +327,35 @@ def is_rank_zero() -> bool:
 def run_other_rank(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Rank > 0 of a multi-process run: it trains beside rank 0 (the collectives need every rank) and
     writes nothing to the run dir; summary.json, DONE.json, the launch count, metrics.csv and
-    checkpoints are rank 0's. Errors propagate: a rank that fails ends the whole run."""
+    checkpoints are rank 0's. A stop signal ends it as it ends rank 0 (in the training loop every rank
+    stops after the same step: sigma_repro/checkpointing.py), quietly, for rank 0 reports: outside a
+    multirun it exits 1, as rank 0 does. Errors propagate: a rank that fails ends the whole run."""
     if (out / DONE).exists():  # SLURM starts every rank: all of them skip (or refuse) a finished run together
         return stored_result(cfg, out)[0]
-    return train(cfg, out)
+    from sigma_repro.checkpointing import StopSignals, Stopped
+
+    with StopSignals():
+        try:
+            return train(cfg, out)
+        except (RunInterrupted, Stopped) as err:
+            summary = interrupted(err, out)
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        sys.exit(1)
+    return summary
+
+
+def interrupted(err: BaseException, out: Path) -> dict[str, Any]:
+    """The end of a launch that a stop signal stopped: status "interrupted", the signal, and the step
+    of the checkpoint the next launch resumes from (RunInterrupted: the step it just saved; a stop
+    outside the training loop, ``checkpointing.Stopped``: the last checkpoint, 0 if there is none)."""
+    from sigma_repro.checkpointing import resume_point
+
+    if isinstance(err, RunInterrupted):
+        step = err.step
+    else:
+        _, saved = resume_point(out / "checkpoints" / "last.ckpt", report=False)
+        step = saved["global_step"] if saved else 0
+    return {"status": "interrupted", "signal": err.signal_name, "steps": step}
 
 
 def stored_result(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
@@ -366,7 +391,8 @@ def check_stored_config(summary: dict[str, Any], cfg: DictConfig, out: Path) -> 
 
 def report(summary: dict[str, Any], out: Path, head: str = "run ended") -> dict[str, Any]:
     """Print the summary and return it; outside a multirun a failed or interrupted run exits 1 (a
-    multirun goes on to its other cells and counts this one in its tally)."""
+    multirun counts this one in its tally and goes on to its other cells, unless a stop signal reached
+    the process that runs them: sigma_repro/sweeps.py)."""
     print_summary(summary, out, head=head)
     if summary["status"] in ("failed", "interrupted") and HydraConfig.get().mode != RunMode.MULTIRUN:
         if "traceback" in summary:
@@ -383,6 +409,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary of an unfinished run is kept aside, W&B temp dirs of a killed launch are removed; each
     repair is printed and listed in the summary under ``recovered``. Only global rank 0 writes to
     the run dir (``is_rank_zero``); other ranks go to ``run_other_rank``."""
+    from sigma_repro.checkpointing import StopSignals, Stopped
+
     out = Path(HydraConfig.get().runtime.output_dir)
     if not is_rank_zero():
         return run_other_rank(cfg, out)
@@ -407,41 +435,37 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                "started_at": _now(), "run_dir": str(out), "seed": cfg.seed, "recovered": recovered,
                                **run_state.this_launch(), "tmp_dirs": run_state.wandb_temp_dirs() if wandb_on else [],
                                **run_identity()})
-    try:
-        summary = train(cfg, out)
-    except (RunInterrupted, KeyboardInterrupt) as err:
-        # A stop signal: RunInterrupted once its checkpoint is written (sigma_repro.checkpointing); a
-        # KeyboardInterrupt came outside training: the run resumes from its last checkpoint.
-        from sigma_repro.checkpointing import resume_point
-
-        if isinstance(err, RunInterrupted):
-            signal_name, step = err.signal_name, err.step
-        else:
-            _, saved = resume_point(out / "checkpoints" / "last.ckpt", report=False)
-            signal_name, step = "SIGINT", saved["global_step"] if saved else 0
-        summary = {"status": "interrupted", "signal": signal_name, "steps": step}
-    except Exception as err:  # noqa: BLE001 - recorded in summary.json; the sweep goes on
-        bad_input = user_error(err)
-        summary = {"status": "failed", "error": str(bad_input)} if bad_input else {
-            "status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-    finally:
-        finish_wandb()  # one W&B run per job, also inside a multirun
-    summary.update(
-        wall_time_s=round(time.time() - started + prior_wall, 2),
-        launches=launches,
-        recovered=recovered,
-        git_sha=provenance.git_sha(),
-        machine=provenance.machine_info(),
-        command=" ".join(sys.argv),
-        run_dir=str(out),
-        ended_at=_now(),
-        seed=cfg.seed,
-        config=OmegaConf.to_container(cfg, resolve=True),
-        **run_identity(),
-    )
-    write_json(out / SUMMARY, summary)
-    if summary["status"] in ("finished", "diverged"):
-        write_json(out / DONE, {"status": summary["status"], "summary": SUMMARY})
+    # Stop signals from here to the summary (sigma_repro/checkpointing.py): in the training loop at the
+    # end of a step, after its checkpoint; elsewhere at once (Lightning would turn Ctrl-C into sys.exit,
+    # past this bookkeeping); once training is over they are only noted, and the summary is written.
+    with StopSignals() as stop:
+        try:
+            summary = train(cfg, out)
+        except (RunInterrupted, Stopped) as err:
+            summary = interrupted(err, out)
+        except Exception as err:  # noqa: BLE001 - recorded in summary.json; the sweep goes on
+            bad_input = user_error(err)
+            summary = {"status": "failed", "error": str(bad_input)} if bad_input else {
+                "status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        finally:
+            stop.note_only()
+            finish_wandb()  # one W&B run per job, also inside a multirun
+        summary.update(
+            wall_time_s=round(time.time() - started + prior_wall, 2),
+            launches=launches,
+            recovered=recovered,
+            git_sha=provenance.git_sha(),
+            machine=provenance.machine_info(),
+            command=" ".join(sys.argv),
+            run_dir=str(out),
+            ended_at=_now(),
+            seed=cfg.seed,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            **run_identity(),
+        )
+        write_json(out / SUMMARY, summary)
+        if summary["status"] in ("finished", "diverged"):
+            write_json(out / DONE, {"status": summary["status"], "summary": SUMMARY})
     return report(summary, out)
 
 

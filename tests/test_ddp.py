@@ -25,6 +25,7 @@ from sigma_repro.tasks.classification import ClassificationTask
 from sigma_repro.train import is_rank_zero
 
 from .conftest import ROOT
+from .test_resume import computed
 
 STEPS = 10  # a multiple of checkpoint_every_n_steps: last.ckpt then holds the final weights
 # 1437 digits / 2 ranks / 16 = 44 steps per epoch: the kill at step 7 (checkpoint at 5) is mid-epoch.
@@ -65,9 +66,9 @@ def files_under(root: Path) -> set[str]:
 
 
 def metric_rows(run_dir: Path) -> list[dict[str, str]]:
-    """metrics.csv's rows, each without its empty cells."""
+    """metrics.csv's rows, each without its empty cells and throughput (a wall-clock rate)."""
     with (run_dir / "metrics.csv").open(newline="") as f:
-        return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+        return [{k: v for k, v in row.items() if v != "" and not k.endswith("_per_s")} for row in csv.DictReader(f)]
 
 
 def summary(run_dir: Path) -> dict:
@@ -117,7 +118,7 @@ def test_hard_kill_then_resume_matches_uninterrupted_run(uninterrupted, tmp_path
 
     ref, got = summary(ref_dir), summary(run_dir)
     assert got["status"] == "finished" and got["launches"] == 2 and got["world_size"] == 2
-    assert got["metrics"] == ref["metrics"] and got["loss_spikes"] == ref["loss_spikes"]
+    assert computed(got["metrics"]) == computed(ref["metrics"]) and got["loss_spikes"] == ref["loss_spikes"]
     a = torch.load(ref_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -126,6 +127,27 @@ def test_hard_kill_then_resume_matches_uninterrupted_run(uninterrupted, tmp_path
     with np.load(ref_dir / "diagnostics.npz") as x, np.load(run_dir / "diagnostics.npz") as y:
         assert x.files == y.files and all(np.array_equal(x[k], y[k], equal_nan=x[k].dtype.kind == "f")
                                           for k in x.files)
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_every_rank_quietly_after_one_checkpoint_and_the_run_resumes_exactly(uninterrupted, tmp_path):
+    # Ctrl-C reaches every process of the foreground group: both ranks take SIGINT after step 7.
+    ref_dir, run_dir = uninterrupted[0], tmp_path / "run"
+    stopped = launch(run_dir, "+callbacks.signal._target_=tests.test_resume.SignalAtStep", "+callbacks.signal.step=7",
+                     "+callbacks.signal.name=SIGINT", expect=1)
+    assert "Traceback" not in stopped.stderr + stopped.stdout, stopped.stderr[-5000:]  # rank 1 used to print one
+    assert stopped.stdout.count("sigma-repro: run ended: status interrupted") == 1  # rank 0 reports, rank 1 is quiet
+    got = summary(run_dir)
+    assert (got["status"], got["signal"], got["steps"], got["launches"]) == ("interrupted", "SIGINT", 7, 1)
+    assert checkpoint_meta(run_dir / "checkpoints" / "last.ckpt") == {"global_step": 7, "world_size": 2}
+    resumed = launch(run_dir)
+    assert resumed.stdout.count("sigma-repro: resuming") == 1
+    ref, got = summary(ref_dir), summary(run_dir)
+    assert got["status"] == "finished" and got["launches"] == 2
+    assert computed(got["metrics"]) == computed(ref["metrics"])
+    a = torch.load(ref_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

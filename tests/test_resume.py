@@ -2,7 +2,8 @@
 trainer settings (max_epochs=30, so epochs end and the schedule spans epochs) and with proxy-like ones
 (max_epochs=-1), stop signals (checkpoint at that step, status interrupted), a truncated last.ckpt, a
 full disk during a save. Every resumed run must end bit-identical to the uninterrupted one: final
-metrics, every tensor of the final checkpoint and metrics.csv byte for byte."""
+metrics, every tensor of the final checkpoint and metrics.csv byte for byte (throughput, a wall-clock
+rate, left out of both)."""
 
 import errno
 import json
@@ -12,15 +13,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 
 from sigma_repro import checkpointing
-from sigma_repro.checkpointing import AtomicCheckpointIO, resume_point
+from sigma_repro.checkpointing import AtomicCheckpointIO, StopSignals, Stopped, resume_point
 from sigma_repro.data.images import DigitsDataModule
 from sigma_repro.data.sampling import planned_optimizer_steps
 
@@ -49,6 +52,23 @@ class SignalAtStep(Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class SignalOutsideTraining(Callback):
+    """Sends the signal ``name`` to its own process once, outside the training loop: ``when`` "fit_start"
+    (before the first batch; a resumed fit has restored its checkpoint) or "final_validation" (during
+    the first batch of the validation the app runs after the fit)."""
+
+    def __init__(self, when: str, name: str) -> None:
+        self.when, self.signum = when, signal.Signals[name]
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.when == "fit_start":
+            os.kill(os.getpid(), self.signum)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.when == "final_validation" and trainer.state.fn == TrainerFn.VALIDATING and batch_idx == 0:
+            os.kill(os.getpid(), self.signum)
+
+
 def launch(run_dir: Path, *overrides: str, threads: int = 1, check: bool = True) -> subprocess.CompletedProcess:
     """``sigma-repro-train`` in ``run_dir`` (pinned: the kill callbacks stay out of the job dir's name)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -64,6 +84,11 @@ def launch(run_dir: Path, *overrides: str, threads: int = 1, check: bool = True)
 
 def kill_at(step: int) -> list[str]:
     return ["+callbacks.kill._target_=tests.helpers.KillAtStep", f"+callbacks.kill.step={step}"]
+
+
+def signal_outside_training(when: str, name: str) -> list[str]:
+    return ["+callbacks.signal._target_=tests.test_resume.SignalOutsideTraining", f"+callbacks.signal.when={when}",
+            f"+callbacks.signal.name={name}"]
 
 
 def signal_at(step: int, name: str) -> list[str]:
@@ -110,16 +135,30 @@ def interrupted(tmp_path_factory):
     return get
 
 
+def computed(metrics: dict) -> dict:
+    """A summary's metrics without throughput (``train/<unit>_per_s``): wall-clock rates differ between
+    any two runs."""
+    return {k: v for k, v in metrics.items() if not k.endswith("_per_s")}
+
+
+def computed_columns(path: Path) -> list[str]:
+    """metrics.csv's lines, as written, without the throughput columns."""
+    lines = path.read_bytes().decode().splitlines()
+    keep = [i for i, name in enumerate(lines[0].split(",")) if not name.endswith("_per_s")]
+    return [",".join(cells[i] for i in keep) for cells in (line.split(",") for line in lines)]
+
+
 def assert_same_run(ref_dir: Path, run_dir: Path) -> None:
     ref, got = summary(ref_dir), summary(run_dir)
     assert (got["status"], got["steps"]) == ("finished", STEPS) == (ref["status"], ref["steps"])
-    assert got["metrics"] == ref["metrics"]
+    assert computed(got["metrics"]) == computed(ref["metrics"])
+    assert {k.split("/")[0] for k in ref["metrics"]} == {"train", "val"}  # the last step's training metrics too
     assert got["attention_entropy"] == ref["attention_entropy"] and got["loss_spikes"] == ref["loss_spikes"]
     a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (ref_dir, run_dir))
     assert a["global_step"] == b["global_step"] == STEPS  # last.ckpt holds the final weights
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    assert (run_dir / "metrics.csv").read_bytes() == (ref_dir / "metrics.csv").read_bytes()
+    assert computed_columns(run_dir / "metrics.csv") == computed_columns(ref_dir / "metrics.csv")
 
 
 def test_uninterrupted_run_ends_with_final_checkpoint_and_records_its_compute(reference):
@@ -172,6 +211,41 @@ def test_stop_signal_saves_that_step_records_interrupted_and_resumes_exactly(nam
     launch(run_dir, *DEFAULT)
     assert summary(run_dir)["launches"] == 2
     assert_same_run(reference("default"), run_dir)
+
+
+def test_ctrl_c_before_the_first_batch_records_interrupted_at_the_checkpoints_step(reference, interrupted,
+                                                                                  tmp_path):
+    # Lightning turns a KeyboardInterrupt outside the training loop into sys.exit(1), past the app's
+    # bookkeeping: the summary used to say "running".
+    run_dir = tmp_path / "run"
+    interrupted("SIGINT", 12, run_dir)
+    saved = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    proc = launch(run_dir, *DEFAULT, *signal_outside_training("fit_start", "SIGINT"), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout and "stopped by SIGINT at step 12" in proc.stdout
+    s = summary(run_dir)
+    assert (s["status"], s["signal"], s["steps"], s["launches"]) == ("interrupted", "SIGINT", 12, 2)
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == saved and not (run_dir / "DONE.json").exists()
+    launch(run_dir, *DEFAULT)
+    assert summary(run_dir)["launches"] == 3
+    assert_same_run(reference("default"), run_dir)
+
+
+@pytest.mark.parametrize("stop", [
+    pytest.param(signal_outside_training("final_validation", "SIGTERM"), id="SIGTERM in the final validation"),
+    pytest.param(signal_at(STEPS, "SIGINT"), id="SIGINT at the last step", marks=pytest.mark.slow),
+])
+def test_stop_signal_after_training_keeps_the_final_checkpoint_and_the_next_launch_only_validates(stop, reference,
+                                                                                               tmp_path):
+    run_dir = tmp_path / "run"
+    proc = launch(run_dir, *DEFAULT, *stop, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    s = summary(run_dir)
+    assert (s["status"], s["signal"], s["steps"]) == ("interrupted", stop[-1].split("=")[1], STEPS)
+    assert saved_step(run_dir / "checkpoints" / "last.ckpt") == STEPS and not (run_dir / "DONE.json").exists()
+    resumed = launch(run_dir, *DEFAULT)
+    assert "resuming from" in resumed.stdout
+    assert_same_run(reference("default"), run_dir)  # the training metrics of step 47 from the checkpoint
 
 
 def test_truncated_last_checkpoint_falls_back_to_the_previous_one(reference, interrupted, tmp_path):
@@ -258,3 +332,58 @@ def test_no_readable_checkpoint_means_a_clean_restart(tmp_path, capsys):
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt.unreadable", "last.prev.ckpt.unreadable"]
     shutil.rmtree(ckpts)
     assert resume_point(ckpts / "last.ckpt") == (None, None) and capsys.readouterr().out == ""
+
+
+# -- stop signals, without a run ----------------------------------------------------------------------
+@pytest.fixture
+def no_signal_yet(monkeypatch):
+    monkeypatch.setattr(StopSignals, "first_in_process", None)  # put back after the test
+
+
+def test_stop_signal_outside_the_training_loop_passes_on_and_stops_at_once(no_signal_yet):
+    passed_on = []
+    before = signal.signal(signal.SIGUSR2, lambda signum, frame: passed_on.append(signum))  # as submitit's
+    try:
+        with pytest.raises(Stopped) as stopped, StopSignals() as stop:
+            assert StopSignals.current is stop
+            os.kill(os.getpid(), signal.SIGUSR2)
+        assert stopped.value.signal_name == "SIGUSR2" and passed_on == [signal.SIGUSR2]
+        assert StopSignals.first_in_process == "SIGUSR2" and StopSignals.current is None
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers from before
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
+def test_stop_signals_in_the_training_loop_are_noted_until_a_second_ctrl_c(no_signal_yet):
+    with StopSignals() as stop:
+        stop.defer()  # as RunCheckpoint does for the training loop
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == signal.SIGINT and stop.mode == "defer"
+        with pytest.raises(Stopped, match="stopped by SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stop.mode == "note"  # the launch is ending: later signals are only noted
+        os.kill(os.getpid(), signal.SIGINT)
+    assert StopSignals.first_in_process == "SIGINT"
+
+
+@pytest.mark.parametrize(("name", "ends"), [("SIGINT", "KeyboardInterrupt"), ("SIGTERM", "killed")])
+def test_a_forked_child_takes_a_stop_signal_as_before_the_launch(name, ends, no_signal_yet):
+    # DataLoader workers are forked: Ctrl-C reaches them too; the launch's own process decides.
+    with StopSignals():
+        pid = os.fork()
+        if pid == 0:  # the child: exit 3 on KeyboardInterrupt, 4 if nothing happens
+            code = 4
+            try:
+                os.kill(os.getpid(), signal.Signals[name])
+                time.sleep(2)
+            except KeyboardInterrupt:
+                code = 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    got = "KeyboardInterrupt" if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3 else \
+        "killed" if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM else status
+    assert got == ends
+    assert StopSignals.first_in_process is None  # the parent took no signal
