@@ -64,9 +64,12 @@ def drop_relogged_rows(path: Path) -> None:
     after it (Lightning's training row labelled S, the gradient norms read at S: logged again).
     ``trim_metrics_after(path, S)`` keeps both kinds; only their keys tell them apart. An
     uninterrupted run never logs two rows with the same step and keys, so this changes nothing else.
+    Throughput (``*_per_s``) does not count among the keys: the first batch of a launch has no batch
+    before it to time from, so its row lacks the rate the killed launch logged at the same step.
     """
     fields, rows = _read_rows(path)
-    identity = [(int(float(r["step"])), frozenset(k for k, v in r.items() if v != "")) for r in rows]
+    identity = [(int(float(r["step"])), frozenset(k for k, v in r.items() if v != "" and not k.endswith("_per_s")))
+                for r in rows]
     last = {key: i for i, key in enumerate(identity)}
     if len(last) < len(rows):
         _write_rows(path, fields, [r for i, r in enumerate(rows) if last[identity[i]] == i])

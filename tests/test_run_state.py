@@ -14,7 +14,7 @@ import pytest
 
 from sigma_repro import results
 from sigma_repro.errors import ConfigError
-from sigma_repro.loggers import repair_metrics
+from sigma_repro.loggers import drop_relogged_rows, repair_metrics
 from sigma_repro.run_state import read_previous_summary, read_stored_result, recover_run_dir
 
 from .test_train import FAST, train
@@ -53,6 +53,18 @@ def test_half_written_last_row_of_metrics_is_dropped_with_a_note(tmp_path):
 
     path.write_text("epoch,st")  # killed while writing the header
     assert "only a half-written header" in repair_metrics(path) and not path.exists()
+
+
+def test_relogged_rows_are_dropped_whatever_throughput_they_carry(tmp_path):
+    # Step 5 logged before a kill (with a rate) and again by the resumed launch (its first batch: no rate).
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,train/loss,train/samples_per_s,diag/x\r\n4,1.0,9.0,\r\n5,0.9,8.0,\r\n5,,,0.3\r\n"
+                    "5,0.9,,\r\n6,0.8,7.5,\r\n")
+    drop_relogged_rows(path)
+    with path.open(newline="") as f:
+        rows = [{k: v for k, v in r.items() if v} for r in csv.DictReader(f)]
+    assert rows == [{"step": "4", "train/loss": "1.0", "train/samples_per_s": "9.0"}, {"step": "5", "diag/x": "0.3"},
+                    {"step": "5", "train/loss": "0.9"}, {"step": "6", "train/loss": "0.8", "train/samples_per_s": "7.5"}]
 
 
 def test_stale_temp_files_are_removed_with_a_note(tmp_path):
