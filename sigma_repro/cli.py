@@ -2,7 +2,7 @@
 
 Commands: ``demo`` (plain vs σReparam on embedded digits), ``bench`` (performance measurements),
 ``analysis`` (the papers' analytical results), ``table`` (finished runs -> a paper table),
-``compare`` (curves of chosen runs on shared axes).
+``compare`` (curves of chosen runs on shared axes), ``data`` (build a family's derived data into the cache).
 Training and sweeps go through the Hydra app ``sigma-repro-train``.
 """
 
@@ -12,9 +12,10 @@ import argparse
 import sys
 
 from sigma_repro import analysis, bench, compare, demo, results
+from sigma_repro.data import commands as data
 from sigma_repro.errors import ConfigError
 
-COMMANDS = {"demo": demo, "bench": bench, "analysis": analysis, "table": results, "compare": compare}
+COMMANDS = {"demo": demo, "bench": bench, "analysis": analysis, "table": results, "compare": compare, "data": data}
 
 
 def main(argv: list[str] | None = None) -> int:
