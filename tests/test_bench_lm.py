@@ -1,7 +1,6 @@
 """`sigma-repro bench reparam --task lm` on a tiny GPT: the record's structure and arithmetic, the
 model it times (the conf/model config, σReparam on exactly one of the two), and bad options."""
 
-import argparse
 import json
 import statistics
 
@@ -13,18 +12,7 @@ from sigma_repro.errors import ConfigError
 from sigma_repro.models.gpt import GPT
 from sigma_repro.reparam import apply_sigma_reparam, iter_sigma_reparam
 
-
-def parse(*argv):
-    parser = argparse.ArgumentParser(prog="sigma-repro bench")
-    bench.add_arguments(parser)
-    return parser.parse_args(argv)
-
-
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+from .test_bench import parse, restore_threads  # noqa: F401 - restore_threads is a fixture
 
 
 def test_lm_bench_writes_tokens_per_second_and_ratios(tmp_path, capsys, monkeypatch, restore_threads):

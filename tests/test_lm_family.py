@@ -5,7 +5,6 @@ a blow-up ends as ``diverged``; W&B tags name the family; σReparam is applied f
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from sigma_repro.reparam import apply_sigma_reparam, iter_sigma_reparam
 
 from .conftest import CONF_DIR
 from .helpers import computed_metrics
-from .test_train import only_run_dir, reference_and_killed_run, train
+from .test_train import only_run_dir, reference_and_killed_run, train, wandb_offline_record
 
 # A fast LM run: the family's default model and data, 30 optimizer steps, small validation.
 FAST = ["task=lm", "logger=csv", "trainer.max_steps=30", "trainer.max_epochs=-1", "trainer.enable_progress_bar=false",
@@ -111,13 +110,6 @@ def test_lm_blow_up_ends_as_diverged_and_a_rerun_returns_the_stored_result(tmp_p
 @pytest.mark.slow
 def test_lm_wandb_offline_tags_name_the_family(tmp_path):
     train(tmp_path, *[o for o in FAST if o != "logger=csv"], "trainer.max_steps=6", "reparam=sigma")
-    run_dir = only_run_dir(tmp_path)
-    summary = _summary(run_dir)
-    offline = list((run_dir / "wandb").glob(f"offline-run-*-{summary['wandb_run_id']}"))
-    assert len(offline) == 1
-    wandb_cli = Path(sys.executable).with_name("wandb")
-    inspected = subprocess.run([str(wandb_cli), "leet", "inspect", "--summary", "--json", str(offline[0])],
-                               capture_output=True, text=True, timeout=120)
-    record = json.loads(inspected.stdout)
+    record = wandb_offline_record(only_run_dir(tmp_path))
     assert {"task:lm", "reparam:sigma", "norm:pre", "model:gpt_tiny", "data:stdlib"} <= set(record["tags"])
     assert "val/ppl" in record["summary"]

@@ -174,18 +174,23 @@ def test_local_multirun_on_several_devices_is_refused_before_compute(tmp_path):
     assert proc.returncode == 1 and "sweep of 2 cells: 0 finished, 0 diverged, 2 failed" in proc.stdout
 
 
-def test_wandb_offline_and_tensorboard_runs_have_identity_group_and_tags(tmp_path):
-    train(tmp_path, *[o for o in FAST if o != "logger=csv"], "trainer.max_steps=12", "optim=sgd", "optim.lr=0.05",
-          "logger.tensorboard.enabled=true")
-    run_dir = only_run_dir(tmp_path)
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+def wandb_offline_record(run_dir: Path) -> dict:
+    """The run's one offline W&B run as ``wandb leet inspect`` reads it back (state, tags, summary)."""
     summary = json.loads((run_dir / "summary.json").read_text())
     offline = list((run_dir / "wandb").glob(f"offline-run-*-{summary['wandb_run_id']}"))
     assert len(offline) == 1
     wandb_cli = Path(sys.executable).with_name("wandb")
     inspected = subprocess.run([str(wandb_cli), "leet", "inspect", "--summary", "--json", str(offline[0])],
                                capture_output=True, text=True, timeout=120)
-    record = json.loads(inspected.stdout)
+    return json.loads(inspected.stdout)
+
+
+def test_wandb_offline_and_tensorboard_runs_have_identity_group_and_tags(tmp_path):
+    train(tmp_path, *[o for o in FAST if o != "logger=csv"], "trainer.max_steps=12", "optim=sgd", "optim.lr=0.05",
+          "logger.tensorboard.enabled=true")
+    run_dir = only_run_dir(tmp_path)
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    record = wandb_offline_record(run_dir)
     assert record["state"] == "finished"
     assert {"task:classification", "scale:full", "optim:sgd", "no-warmup", "reparam:none", "norm:pre",
             "model:vit_digits", "data:digits"} <= set(record["tags"])
