@@ -37,8 +37,8 @@ def _load_model(run_dir: Path, summary: dict) -> tuple[GPT, StdlibDataModule]:
     data = StdlibDataModule(**data_options, seed=summary["seed"])
     model_options = {k: v for k, v in cfg["model"].items() if k != "_target_"}
     model = GPT(**model_options, **data.model_kwargs)
-    if cfg["reparam"]["name"] == "sigma":
-        apply_sigma_reparam(model)
+    if cfg["reparam"]["name"] != "none":
+        apply_sigma_reparam(model, stats_only=cfg["reparam"]["stats_only"])
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     return model.eval(), data
@@ -53,7 +53,7 @@ def test_task_lm_alone_picks_the_gpt_on_stdlib_bytes_and_scale_proxy_keeps_them(
     assert proxy.data._target_ == "sigma_repro.data.text.StdlibDataModule"
 
 
-@pytest.mark.parametrize("reparam", ["none", "sigma"])
+@pytest.mark.parametrize("reparam", ["none", "sigma", pytest.param("sigma_stats", marks=pytest.mark.slow)])
 def test_lm_run_reports_the_final_weights_loss_ppl_and_bits_per_byte(tmp_path, reparam):
     train(tmp_path, *FAST, f"reparam={reparam}")
     run_dir = only_run_dir(tmp_path)
@@ -67,7 +67,7 @@ def test_lm_run_reports_the_final_weights_loss_ppl_and_bits_per_byte(tmp_path, r
 
     # The validation metrics, recomputed from the checkpointed weights on the validation blocks.
     model, data = _load_model(run_dir, summary)
-    if reparam == "sigma":
+    if reparam != "none":  # q, k, v, out and both FFN matrices of every block; not the tied head
         assert len(list(iter_sigma_reparam(model))) == 6 * summary["config"]["model"]["depth"]
     total, count = 0.0, 0
     with torch.no_grad():
