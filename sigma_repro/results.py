@@ -965,7 +965,11 @@ def draw_lr_stability(rows: list[LrRow], columns: list[LrColumn], spec: TableSpe
     loss_ax.axhline(stable_below, color="grey", linestyle="--", linewidth=1)
     entropy_ax.axhline(collapse_below, color="grey", linestyle="--", linewidth=1)
     low, high = loss_ax.get_ylim()
-    loss_ax.set_ylim(low, high + 0.12 * (high - low))  # a free band along the top for the diverged runs' x
+    if low > 0 and high / low > 10:  # a run that blew up to a huge finite loss: log y, or it flattens the rest
+        loss_ax.set_yscale("log")
+        loss_ax.set_ylim(low, high * (high / low) ** 0.12)  # a free band along the top for the diverged runs' x
+    else:
+        loss_ax.set_ylim(low, high + 0.12 * (high - low))
     markers = [Line2D([], [], marker="o", linestyle="", color="k", label=f"stable: final {view.loss} < {stable_below:g}"),
                Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="k",
                       label=f"unstable: finished, final {view.loss} ≥ {stable_below:g}"),

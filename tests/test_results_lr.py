@@ -336,3 +336,16 @@ def test_view_reads_a_real_run_of_the_app(tmp_path):
     assert float(real["lr 0.002: attention_entropy_min"]) == pytest.approx(min(summary["attention_entropy"]["min"]))
     steps, entropy = results.metric_curve(next(runs.rglob("metrics.csv")).parent, results.COLLAPSE_CURVE)
     assert steps == [0, 1, 2, 3] and min(entropy) == pytest.approx(min(summary["attention_entropy"]["min"]), abs=1e-4)
+
+
+def test_plot_turns_to_a_log_loss_axis_when_a_run_blew_up_to_a_huge_finite_loss(tmp_path):
+    runs = tmp_path / "runs"
+    grid_runs(runs)
+    lm_run(runs, "no_norm", 1, 8, loss=500.0)  # finished, unstable: a linear axis would flatten every other line
+    spec = results.load_table(TABLE, seeds="0,1", lr_grid=GRID)
+    found, _ = results.find_runs(runs)
+    rows, columns = results.lr_rows(results.group_rows(spec, found), spec.view, STABLE_BELOW, COLLAPSE_BELOW,
+                                    now=2e9, stale_after_min=30)
+    loss_ax, _ = results.draw_lr_stability(rows, columns, spec, "proxy", STABLE_BELOW, COLLAPSE_BELOW).axes
+    low, high = loss_ax.get_ylim()
+    assert loss_ax.get_yscale() == "log" and low <= 2.0 and high > 500.0
