@@ -964,11 +964,13 @@ def draw_lr_stability(rows: list[LrRow], columns: list[LrColumn], spec: TableSpe
         entropy_ax.plot(xs, entropies, "o-", color=color, markersize=4, gid=f"entropy:{row.cell}")
     loss_ax.axhline(stable_below, color="grey", linestyle="--", linewidth=1)
     entropy_ax.axhline(collapse_below, color="grey", linestyle="--", linewidth=1)
-    low, high = loss_ax.get_ylim()
-    if low > 0 and high / low > 10:  # a run that blew up to a huge finite loss: log y, or it flattens the rest
+    data_low, data_high = loss_ax.dataLim.y0, loss_ax.dataLim.y1  # the finite losses drawn (and the thresholds)
+    if data_low > 0 and data_high / data_low > 10:  # a run blew up to a huge finite loss: log y, or it flattens the rest
         loss_ax.set_yscale("log")
+        low, high = data_low / 1.2, data_high * 1.2
         loss_ax.set_ylim(low, high * (high / low) ** 0.12)  # a free band along the top for the diverged runs' x
     else:
+        low, high = loss_ax.get_ylim()
         loss_ax.set_ylim(low, high + 0.12 * (high - low))
     markers = [Line2D([], [], marker="o", linestyle="", color="k", label=f"stable: final {view.loss} < {stable_below:g}"),
                Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="k",
