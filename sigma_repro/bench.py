@@ -73,7 +73,8 @@ def machine_info(device: torch.device) -> dict:
         **provenance.machine_info(device),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_sha": provenance.git_sha(),
-        "command": shlex.join(sys.argv),
+        # the command as typed, without the machine's path to the program (`python -m sigma_repro.cli`, a venv)
+        "command": shlex.join(["sigma-repro", *sys.argv[1:]]),
     }
 
 
