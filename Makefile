@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench wheels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ test-fast: install  ## skip the slow / environment-bound tests
 
 bench: install  ## sigmaReparam step-time overhead, ViT-S/16 at 224 on this machine
 	$(BIN)/sigma-repro bench reparam --model vit_small --batch-sizes 1,4,16 --out results/bench/reparam_cpu.json
+
+wheels:  ## the pure-Python wheels the GPU device image lacks, for tools/device_checks.sh (carried as .whl/)
+	$(PYTHON) -m pip wheel --quiet --no-deps -w .whl hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
 
 clean:
 	rm -rf $(VENV) runs demo_out .pytest_cache
