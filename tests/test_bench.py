@@ -25,6 +25,20 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
+def assert_timed_pairs(record: dict, *, batch_sizes: list[int], repeats: int) -> None:
+    """Each batch size's plain and σReparam timings: ``repeats`` positive samples a kind, their
+    medians, and the ratios of those medians."""
+    assert [r["batch_size"] for r in record["results"]] == batch_sizes
+    for result in record["results"]:
+        for name in ("plain", "reparam"):
+            for kind in ("wall_s", "process_s"):
+                samples = result[name]["samples"][kind]
+                assert len(samples) == repeats and all(t > 0 for t in samples)
+                assert result[name][kind] == statistics.median(samples)
+        for kind in ("wall_s", "process_s"):
+            assert result["ratio"][kind] == result["reparam"][kind] / result["plain"][kind]
+
+
 def test_reparam_bench_writes_consistent_record(tmp_path, capsys, restore_threads):
     out = tmp_path / "bench" / "reparam.json"
     args = parse("reparam", "--model", "vit_tiny", "--depth", "2", "--img-size", "32", "--batch-sizes", "2,3",
@@ -38,15 +52,7 @@ def test_reparam_bench_writes_consistent_record(tmp_path, capsys, restore_thread
     for key in ("cpu_model", "cpu_cores", "torch_version", "device_name", "date", "git_sha", "command"):
         assert key in machine
     assert machine["torch_version"] == torch.__version__ and machine["torch_threads"] == 1
-    assert [r["batch_size"] for r in record["results"]] == [2, 3]
-    for result in record["results"]:
-        for name in ("plain", "reparam"):
-            for kind in ("wall_s", "process_s"):
-                samples = result[name]["samples"][kind]
-                assert len(samples) == 2 and all(t > 0 for t in samples)
-                assert result[name][kind] == statistics.median(samples)
-        for kind in ("wall_s", "process_s"):
-            assert result["ratio"][kind] == result["reparam"][kind] / result["plain"][kind]
+    assert_timed_pairs(record, batch_sizes=[2, 3], repeats=2)
     table = capsys.readouterr().out
     assert "reparam wall s" in table and f"wrote {out}" in table
 
