@@ -53,17 +53,18 @@ class ResidualSublayer(nn.Module):
     dropout: on the branch output, before the sum (fairseq's ``dropout``).
     alpha: skip weight: DeepNorm's α, or the initial value of Admin's ω (see ``admin_profile``).
     tau: branch weight of the "scaled" scheme.
+    norm_bias: False builds the LayerNorm without its bias (nanoGPT's ``bias=False``).
     Extra forward arguments go to ``sublayer`` (masks, the encoder output for cross-attention).
     """
 
     def __init__(self, dim: int, sublayer: nn.Module, *, norm: str = "post", scheme: str = "standard",
-                 dropout: float = 0.0, alpha: float = 1.0, tau: float = 1.0):
+                 dropout: float = 0.0, alpha: float = 1.0, tau: float = 1.0, norm_bias: bool = True):
         super().__init__()
         _check_options(norm, scheme, alpha, tau)
         self.norm, self.scheme = norm, scheme
         self.sublayer = sublayer
-        self.pre_norm = nn.LayerNorm(dim) if norm == "pre" else nn.Identity()
-        self.post_norm = nn.LayerNorm(dim) if norm == "post" else nn.Identity()
+        self.pre_norm = nn.LayerNorm(dim, bias=norm_bias) if norm == "pre" else nn.Identity()
+        self.post_norm = nn.LayerNorm(dim, bias=norm_bias) if norm == "post" else nn.Identity()
         self.dropout = nn.Dropout(dropout)
         # Admin: one ω per channel, as Transformer-Clinic's nn.Parameter(torch.ones(embed_dim)).
         self.omega = nn.Parameter(torch.full((dim,), float(alpha))) if scheme == "admin" else float(alpha)

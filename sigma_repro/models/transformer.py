@@ -116,7 +116,7 @@ class TransformerStack(nn.Module):
         if tau is not None and scheme != "scaled":
             raise ConfigError(f"tau={tau} is used only by scheme='scaled'; got scheme={scheme!r}")
         num_sublayers = depth * sublayers_per_layer
-        residual = dict(norm=norm, scheme=scheme, dropout=dropout)
+        residual = dict(norm=norm, scheme=scheme, dropout=dropout, norm_bias=bias)
         if scheme == "scaled":  # Noci et al.: x + f(x)/sqrt(L), L counting blocks or residual branches
             residual["tau"] = tau if tau is not None else (depth if tau_depth == "blocks" else num_sublayers) ** -0.5
         elif scheme == "admin":
@@ -128,8 +128,6 @@ class TransformerStack(nn.Module):
                   attention_dropout=attention_dropout, activation_dropout=activation_dropout, bias=bias,
                   **layer_options, **residual)
             for _ in range(depth))
-        if not bias:
-            _drop_norm_biases(self, dim)
         self.final_norm = nn.LayerNorm(dim, bias=bias) if norm == "pre" else nn.Identity()
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -154,16 +152,6 @@ class TransformerStack(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, ResidualSublayer):
                 yield name, module
-
-
-def _drop_norm_biases(stack: nn.Module, dim: int) -> None:
-    """Swap each sublayer's LayerNorm for one without a bias (``ResidualSublayer`` builds
-    ``nn.LayerNorm(dim)`` and takes no norm options)."""
-    for sublayer in stack.modules():
-        if isinstance(sublayer, ResidualSublayer):
-            for name in ("pre_norm", "post_norm"):
-                if isinstance(getattr(sublayer, name), nn.LayerNorm):
-                    setattr(sublayer, name, nn.LayerNorm(dim, bias=False))
 
 
 def _deepnorm_init(stack: nn.Module, beta: float) -> None:
