@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,13 +138,37 @@ def build_optimizer(
     return optimizer
 
 
+def _cosine(schedule: WarmupSchedule, step: int) -> float:
+    progress = min(1.0, (step - schedule.warmup_steps) / max(1, schedule.total_steps - schedule.warmup_steps))
+    return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _constant(schedule: WarmupSchedule, step: int) -> float:
+    return 1.0
+
+
+def _inverse_sqrt(schedule: WarmupSchedule, step: int) -> float:
+    # fairseq's inverse_sqrt after warmup: peak * sqrt(warmup / n) at update n = step + 1. Without warmup
+    # (ours: fairseq divides by warmup_updates=0) the peak at the first step, then peak * sqrt(1 / n).
+    return math.sqrt(max(1, schedule.warmup_steps) / (step + 1))
+
+
 @dataclass
 class WarmupSchedule:
-    """Learning-rate factor per optimizer step: linear warmup, then cosine or constant.
+    """Learning-rate factor per optimizer step (``step`` = optimizer steps already taken, 0 for the
+    first): linear warmup, then a decay from ``DECAYS``.
 
     ``warmup_steps=0`` is "no warmup", the setting the paper trains SGD/LARS ViTs under with
     σReparam. Warmup rises linearly to 1 at ``warmup_steps`` (step 0 already gets 1/warmup_steps so no
-    step is wasted at lr 0); cosine then decays to ``min_lr_ratio`` at ``total_steps``.
+    step is wasted at lr 0). Then, by ``decay``:
+    - ``cosine``: down to ``min_lr_ratio`` at ``total_steps``;
+    - ``constant``: 1;
+    - ``inverse_sqrt``: fairseq's inverse-square-root schedule (Admin's and DeepNorm's WMT recipes),
+      sqrt(warmup_steps / n) at update n = step + 1. With the warmup above, the factor of step s is
+      fairseq's after s + 1 updates: the same curve one update earlier, since fairseq spends its first
+      update at lr 0. fairseq does not define ``warmup_steps=0`` (it divides by it); here it is ours:
+      the peak at the first step, then sqrt(1 / (step + 1)) (the same as ``warmup_steps=1``).
+      ``min_lr_ratio`` is not used.
     A plain dataclass of numbers, so LambdaLR's state_dict stays weights_only-loadable.
     """
 
@@ -154,8 +178,8 @@ class WarmupSchedule:
     min_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.decay not in ("cosine", "constant"):
-            raise ConfigError(f"schedule.decay must be 'cosine' or 'constant', got {self.decay!r}.")
+        if self.decay not in DECAYS:
+            raise ConfigError(f"schedule.decay must be one of {', '.join(map(repr, DECAYS))}, got {self.decay!r}.")
         if self.warmup_steps < 0:
             raise ConfigError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}.")
         if self.warmup_steps >= self.total_steps:
@@ -167,10 +191,15 @@ class WarmupSchedule:
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        if self.decay == "constant":
-            return 1.0
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return DECAYS[self.decay](self, step)
+
+
+# schedule.decay: the factor at an optimizer step after warmup (``step >= warmup_steps``).
+DECAYS: dict[str, Callable[[WarmupSchedule, int], float]] = {
+    "cosine": _cosine,
+    "constant": _constant,
+    "inverse_sqrt": _inverse_sqrt,
+}
 
 
 def build_scheduler(
