@@ -3,9 +3,11 @@
 ``sigma-repro data lm [--corpus stdlib|wikitext103|text_files] [--root DIR] [--paths P ...]
 [--tokenizer sentencepiece|words|bytes] [--vocab-size N]`` reads the corpus, learns its tokenizer
 into ``$SIGMA_REPRO_DATA`` (default ``~/.cache/sigma-repro``) unless it is there already, tokenizes
-the splits into the cache, and prints what the corpus is. A training run does the same on first use;
-this command does it ahead (before a sweep, or on a login node). Each kind of data is a subcommand
-(``KINDS``): a family adds its own.
+the splits into the cache, and prints what the corpus is. ``sigma-repro data translation [--corpus
+gettext_de|wmt|synthetic_translation] [--root DIR] [--vocab-size N]`` does the same for a parallel
+corpus (the gettext one is first filtered and split into the cache) and prints its pairs per split,
+catalog and filter. A training run does the same on first use; this command does it ahead (before a
+sweep, or on a login node). Each kind of data is a subcommand (``KINDS``): a family adds its own.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 
+from sigma_repro.data import parallel
 from sigma_repro.data.text import SPLITS, stdlib_corpus, text_files_corpus, tokenize_corpus, wikitext103_corpus
 from sigma_repro.data.tokenizers import TOKENIZERS, build_tokenizer, data_cache_dir
 from sigma_repro.errors import ConfigError
@@ -69,8 +72,72 @@ def run_lm(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_translation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", choices=("gettext_de", "wmt", "synthetic_translation"), default="gettext_de",
+                        help="gettext_de: the system's En->De gettext catalogs (default); wmt: --root; "
+                             "synthetic_translation: the generated toy task")
+    parser.add_argument("--root", help=f"gettext_de: the locale dir (default {parallel.GETTEXT_LOCALE_DIR}); wmt: the "
+                                       "dir holding {train,valid,test}.{en,de}")
+    parser.add_argument("--min-pairs", type=int, default=parallel.GETTEXT_MIN_PAIRS,
+                        help=f"gettext_de: fewer usable pairs is an error (default {parallel.GETTEXT_MIN_PAIRS})")
+    parser.add_argument("--src-lang", default="en", help="wmt: the source files' suffix (default en)")
+    parser.add_argument("--tgt-lang", default="de", help="wmt: the target files' suffix (default de)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help=f"joint sentencepiece pieces (default: gettext_de {parallel.GETTEXT_VOCAB}, wmt "
+                             f"{parallel.WMT_VOCAB}, synthetic_translation {parallel.SYNTHETIC_VOCAB})")
+
+
+def run_translation(args: argparse.Namespace) -> int:
+    if args.corpus == "wmt" and not args.root:
+        raise ConfigError("--corpus wmt needs --root, the dir holding train.en, train.de, valid.*, test.* (one "
+                          "sentence per line).")
+    if args.corpus == "synthetic_translation" and args.root:
+        raise ConfigError("--corpus synthetic_translation is generated and reads no files: leave out --root.")
+    readers: dict[str, tuple[Callable[[], parallel.ParallelCorpus], int]] = {
+        "gettext_de": (partial(parallel.gettext_corpus, args.root or parallel.GETTEXT_LOCALE_DIR, "de",
+                               min_pairs=args.min_pairs), parallel.GETTEXT_VOCAB),
+        "wmt": (partial(parallel.wmt_corpus, args.root, args.src_lang, args.tgt_lang), parallel.WMT_VOCAB),
+        "synthetic_translation": (parallel.synthetic_corpus, parallel.SYNTHETIC_VOCAB)}
+    read, default_vocab = readers[args.corpus]
+    started = time.perf_counter()
+    corpus = read()
+    read_s = time.perf_counter() - started
+    tokenizer = parallel.learn_tokenizer(corpus, args.vocab_size or default_vocab)
+    tokenizer_s = time.perf_counter() - started - read_s
+    encoded = parallel.encode_corpus(corpus, tokenizer)
+    encode_s = time.perf_counter() - started - read_s - tokenizer_s
+    facts = {**corpus.describe(), **tokenizer.describe()}
+    print(f"corpus     {corpus.name} ({corpus.corpus_id}), {corpus.src_lang} -> {corpus.tgt_lang}")
+    print(f"source     {corpus.source}")
+    print(f"licence    {corpus.licence}")
+    print(f"sha256     {corpus.sha256}")
+    print(f"{'split':<10} {'pairs':>12} {'src tokens':>14} {'tgt tokens':>14}")
+    for split in SPLITS:
+        sources, targets = encoded[split]
+        print(f"{split:<10} {corpus.pairs[split]:>12,} {int(sources.lengths.sum()):>14,} "
+              f"{int(targets.lengths.sum()):>14,}")
+    print(f"{'total':<10} {sum(corpus.pairs.values()):>12,}")
+    if "filters" in facts:
+        print("filtered   " + ", ".join(f"{rule} {facts['filters'][rule]:,}" for rule in parallel.GETTEXT_FILTERS))
+        top = sorted(facts["pairs_per_catalog"].items(), key=lambda item: (-item[1], item[0]))
+        print(f"catalogs   {facts['catalogs_read']} read; most pairs: "
+              + ", ".join(f"{name} {count:,}" for name, count in top[:10]))
+        for name, reason in facts["skipped_catalogs"].items():
+            print(f"skipped    {name}: {reason}")
+        for name, charset in facts["non_utf8_catalogs"].items():
+            print(f"charset    {name}: {charset} (decoded with it)")
+        print(f"prepared   {facts['prepared']}")
+    print(f"tokenizer  {tokenizer.name}, vocabulary {tokenizer.vocab_size}, sha256 {facts['tokenizer_sha256'][:16]}")
+    print(f"cache      {data_cache_dir()}")
+    print(f"took       {time.perf_counter() - started:.1f} s (the corpus {read_s:.2f} s, the tokenizer {tokenizer_s:.2f} s, "
+          f"encoding {encode_s:.2f} s; each read from the cache when there)")
+    return 0
+
+
 KINDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
     "lm": (add_lm_arguments, run_lm, "causal LM corpora: stdlib, WikiText-103, your text files"),
+    "translation": (add_translation_arguments, run_translation,
+                    "parallel corpora: the system's gettext catalogs (En->De), WMT raw text, a synthetic task"),
 }
 
 
