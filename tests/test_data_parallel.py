@@ -227,15 +227,18 @@ def test_split_is_by_source_hash_and_the_prepared_cache_is_byte_identical(tmp_pa
     assert set(corpus.sources["test"]) <= set(again.sources["test"])  # nothing moved split
 
 
-def test_too_few_pairs_says_how_many_and_which_package_adds_more(tmp_path, locale_dir):
+def test_too_few_pairs_says_how_many_and_which_package_adds_more(tmp_path, locale_dir, data_cache):
     with pytest.raises(ConfigError) as error:
         gettext_corpus(locale_dir, min_pairs=5000)
     found = len({s for i in range(3) for s in random_pairs(250, seed=i)})
     message = str(error.value)
     assert f"Only {found:,} usable English->de sentence pairs" in message and "3 catalogs read" in message
     assert "gcc-12-locales" in message and "data.min_pairs=5000" in message and "path-exclude" in message
+    prepared = sorted((data_cache / "translation").iterdir())
+    assert len(prepared) == 1  # too few, but prepared: a lower data.min_pairs reads it back
     with pytest.raises(ConfigError, match=r"Only 0 usable .* \(0 catalogs read\)"):
         gettext_corpus(tmp_path / "no_locale")
+    assert sorted((data_cache / "translation").iterdir()) == prepared  # nothing to prepare: nothing written
 
 
 def test_system_catalogs_when_installed():

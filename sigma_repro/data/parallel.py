@@ -333,6 +333,8 @@ def gettext_corpus(locale_dir: str | Path = GETTEXT_LOCALE_DIR, language: str = 
     stripped, filtered, split by a hash of the source), prepared once into the cache
     (``prepare_gettext``) and read back; ``ConfigError`` below ``min_pairs`` pairs."""
     catalog_dir = gettext_catalog_dir(locale_dir, language)
+    if not any(catalog_dir.glob("*.mo")):  # nothing to prepare (and no empty corpus in the cache)
+        raise ConfigError(too_few_pairs_message(0, min_pairs, catalog_dir, {}))
     directory = prepare_gettext(locale_dir, language)
     try:
         manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
