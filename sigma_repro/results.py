@@ -18,7 +18,11 @@ get rows of their own, runs at the other scale are counted in the header.
 A table whose ``report:`` declares ``view: lr_stability`` (one that sweeps a learning-rate grid) is
 also shown one row per cell: the largest learning rate that trained stably (mean over seeds), the
 loss at each lr and where attention entropy collapsed (definitions: ``LrStabilityView``), first in
-``<scale>.md``, in ``<scale>_lr_stability.csv``, and drawn in ``<scale>_loss_vs_lr.png``.
+``<scale>.md``, in ``<scale>_lr_stability.csv``, and drawn in ``<scale>_loss_vs_lr.png``. One that
+declares ``view: depth`` (cells at several depths) shows its metrics against depth, one line per scheme
+(``DepthView``), first in ``<scale>.md``, in ``<scale>_depth.csv`` and drawn in ``<scale>_vs_depth.png``.
+``report.entropy_groups`` adds one minimum-attention-entropy column per kind of attention layer
+(encoder self-, decoder self-, cross-attention), matched by name.
 
 The run-reading helpers here (``find_runs``, ``runs_root``, ``metric_curve``) also serve
 ``sigma-repro compare``.
@@ -34,8 +38,9 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from fnmatch import fnmatch
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -233,7 +238,8 @@ class Metric:
 @dataclass
 class TableSpec:
     """What a table expects (cells in row order, other swept keys with their values, seeds) and what
-    it reports (its ``report:`` block: metrics, the first being the headline, and condition columns)."""
+    it reports (its ``report:`` block: metrics, the first being the headline, condition columns and
+    entropy groups)."""
 
     name: str
     cells: list[str]
@@ -241,7 +247,10 @@ class TableSpec:
     seeds: list[int]
     metrics: list[Metric]
     columns: list[str]
-    view: LrStabilityView | None = None  # report.view: a second view of the same runs (below)
+    view: LrStabilityView | DepthView | None = None  # report.view: a second view of the same runs (below)
+    # report.entropy_groups: column name -> fnmatch pattern of attention layer names (summary.json
+    # attention_entropy.layers); each group's minimum attention entropy gets a column
+    entropy_groups: dict[str, str] = field(default_factory=dict)
 
 
 def _run_norm(run: Run) -> str:
@@ -259,6 +268,7 @@ CONDITIONS: dict[str, Callable[[Run], Any]] = {
     "norm": _run_norm,
     "reparam": lambda r: r.config["reparam"]["name"],
     "depth": lambda r: r.config["model"].get("depth"),
+    "scheme": lambda r: r.config["model"].get("scheme"),   # residual scheme: standard | admin | deepnorm | scaled ...
     "model": lambda r: r.summary.get("choices", {}).get("model"),
 }
 
@@ -284,7 +294,18 @@ def _report(name: str, report: dict[str, Any] | None) -> tuple[list[Metric], lis
     return metrics, columns
 
 
-VIEWS = ("lr_stability",)  # report.view: how else a table can show its runs
+def _entropy_groups(name: str, report: dict[str, Any] | None) -> dict[str, str]:
+    """The table's ``report.entropy_groups``: {column name: fnmatch pattern of attention layer names}."""
+    groups = (report or {}).get("entropy_groups") or {}
+    ok = isinstance(groups, dict) and all(isinstance(k, str) and k and isinstance(v, str) and v
+                                          for k, v in groups.items())
+    if not ok:
+        raise ConfigError(f"conf/table/{name}.yaml: report.entropy_groups must map a column name to an fnmatch "
+                          f"pattern of attention layer names, e.g. `entropy_groups: {{enc_self: "
+                          f"\"*encoder.layers.*.self_attn*\"}}`; found {groups!r}")
+    return dict(groups)
+
+
 SCALES = ("proxy", "full")
 
 
@@ -332,6 +353,14 @@ class LrStabilityView:
                               f"scale={scale}; add `{scale}: <number>` to it")
         return self.stable_loss_below[scale], self.collapse_entropy_below[scale]
 
+    def every_row_title(self) -> str:
+        return f"## Every row: each cell at each {self.lr_axis}"
+
+    def write(self, out_dir: Path, rows: list[Row], spec: TableSpec, scale: str, paper: dict[str, Any], now: float,
+              stale_after_min: float) -> tuple[list[str], list[Path]]:
+        lines, csv_path, png_path = write_lr_stability(out_dir, rows, spec, scale, paper, now, stale_after_min)
+        return lines, [csv_path, png_path]
+
 
 def _per_scale(where: str, key: str, raw: Any) -> dict[str, float]:
     ok = isinstance(raw, dict) and raw and all(
@@ -342,16 +371,7 @@ def _per_scale(where: str, key: str, raw: Any) -> dict[str, float]:
     return {k: float(v) for k, v in raw.items()}
 
 
-def _view(name: str, report: dict[str, Any] | None, axes: dict[str, list[str]]) -> LrStabilityView | None:
-    """The table's ``report.view`` (None: the plain table only) and its options block."""
-    where = f"conf/table/{name}.yaml"
-    view = (report or {}).get("view")
-    if view is None:
-        if "lr_stability" in (report or {}):
-            raise ConfigError(f"{where}: report.lr_stability is set but report.view is not; add `view: lr_stability`")
-        return None
-    if view not in VIEWS:
-        raise ConfigError(f"{where}: report.view {view!r} is not a known view; choose from {', '.join(VIEWS)}")
+def _lr_stability_view(where: str, report: dict[str, Any], axes: dict[str, list[str]]) -> LrStabilityView:
     block = report.get("lr_stability")
     example = ("`lr_stability: {lr_axis: lr_scale, loss: val/loss, stable_loss_below: {proxy: 2.5}, "
                "collapse_entropy_below: {proxy: 0.3}}`")
@@ -372,6 +392,52 @@ def _view(name: str, report: dict[str, Any] | None, axes: dict[str, list[str]]) 
                           f"judged by, e.g. `loss: val/loss`; found {block.get('loss')!r}")
     return LrStabilityView(lr_axis, block["loss"], _per_scale(where, "stable_loss_below", block.get("stable_loss_below")),
                            _per_scale(where, "collapse_entropy_below", block.get("collapse_entropy_below")))
+
+
+def _depth_view(where: str, report: dict[str, Any], axes: dict[str, list[str]]) -> DepthView:
+    block = report.get("depth") or {}
+    example = "`depth: {x: model.depth, series_part: -1, metrics: [val/bleu, val/nll]}`"
+    if not isinstance(block, dict):
+        raise ConfigError(f"{where}: report.depth must be a block, e.g. {example}; found {block!r}")
+    known = {"x", "series_part", "metrics"}
+    if set(block) - known:
+        raise ConfigError(f"{where}: report.depth has unknown keys {sorted(set(block) - known)}; "
+                          f"its keys are {sorted(known)}")
+    declared = {m["name"]: m["higher_is_better"] for m in report.get("metrics") or []
+                if isinstance(m, dict) and "name" in m}
+    names = block.get("metrics") or list(declared)[:1]
+    if not isinstance(names, list) or not names or any(n not in declared for n in names):
+        raise ConfigError(f"{where}: report.depth.metrics must list metrics of report.metrics ({sorted(declared)}), "
+                          f"e.g. {example}; found {block.get('metrics')!r}")
+    x, part = block.get("x", "model.depth"), block.get("series_part", -1)
+    if not isinstance(x, str) or not x:
+        raise ConfigError(f"{where}: report.depth.x must name the config key whose value is a cell's depth, e.g. "
+                          f"`x: model.depth`; found {x!r}")
+    if not isinstance(part, int) or isinstance(part, bool):
+        raise ConfigError(f"{where}: report.depth.series_part must be an index into a cell's name split at '/' "
+                          f"(-1: the last part, mt_depth/18L-18L/admin -> admin); found {part!r}")
+    return DepthView(x, part, [Metric(n, bool(declared[n])) for n in names])
+
+
+# report.view: how else a table can show its runs (name -> parser of its report.<name> block)
+VIEWS: dict[str, Callable[[str, dict[str, Any], dict[str, list[str]]], Any]] = {
+    "lr_stability": _lr_stability_view,
+    "depth": _depth_view,
+}
+
+
+def _view(name: str, report: dict[str, Any] | None, axes: dict[str, list[str]]) -> LrStabilityView | DepthView | None:
+    """The table's ``report.view`` (None: the plain table only) and its options block."""
+    where = f"conf/table/{name}.yaml"
+    view = (report or {}).get("view")
+    if view is None:
+        for key in VIEWS:
+            if key in (report or {}):
+                raise ConfigError(f"{where}: report.{key} is set but report.view is not; add `view: {key}`")
+        return None
+    if view not in VIEWS:
+        raise ConfigError(f"{where}: report.view {view!r} is not a known view; choose from {', '.join(VIEWS)}")
+    return VIEWS[view](where, report, axes)
 
 
 def load_table(name: str, seeds: str | None = None, lr_grid: str | None = None) -> TableSpec:
@@ -395,7 +461,8 @@ def load_table(name: str, seeds: str | None = None, lr_grid: str | None = None) 
     report = OmegaConf.to_container(cfg.get("report"), resolve=True) if "report" in cfg else None
     metrics, columns = _report(name, report)
     axes = {key: _values(v) for key, v in params.items()}
-    return TableSpec(name, cells, axes, seed_list, metrics, columns, _view(name, report, axes))
+    return TableSpec(name, cells, axes, seed_list, metrics, columns, _view(name, report, axes),
+                     _entropy_groups(name, report))
 
 
 def paper_values(table: str) -> dict[str, Any]:
@@ -455,6 +522,16 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(present)) if present else None
 
 
+def group_entropy_min(run: Run, pattern: str) -> float | None:
+    """The run's minimum attention entropy over the probes and over its attention layers whose names match
+    ``pattern`` (fnmatch; summary.json attention_entropy.layers and .min, the per-layer minimum over
+    probes); None when no layer matches or none has a finite value."""
+    entropy = run.summary.get("attention_entropy", {})
+    values = [v for name, v in zip(entropy.get("layers", []), entropy.get("min", []))
+              if fnmatch(name, pattern) and v is not None and np.isfinite(v)]
+    return min(values) if values else None
+
+
 def row_record(row: Row, spec: TableSpec, paper: dict[str, Any], now: float, stale_after_min: float) -> dict[str, Any]:
     """One row as plain data (the CSV row): conditions, seeds by state, metrics and diagnostics."""
     by_state: dict[str, list[Run]] = {s: [] for s in RUN_STATES}
@@ -479,6 +556,8 @@ def row_record(row: Row, spec: TableSpec, paper: dict[str, Any], now: float, sta
         "diverged_steps": ",".join(str(r.summary.get("diverged_step")) for r in by_state["diverged"]),
         "attention_entropy_final": _mean([_mean_layers(r, "final") for r in ended]),
         "attention_entropy_min": _mean([_mean_layers(r, "min") for r in ended]),
+        **{f"attention_entropy_min {group}": _mean([group_entropy_min(r, pattern) for r in ended])
+           for group, pattern in spec.entropy_groups.items()},
         "loss_spikes": _mean([r.summary.get("loss_spikes") for r in ended]),
         "paper": paper.get(row.cell) if not row.extras else None,
         "run_dirs": ";".join(str(r.dir) for r in row.runs),
@@ -522,6 +601,7 @@ def markdown_row(rec: dict[str, Any], spec: TableSpec, best: dict[str, float | N
     return [cell, *(rec[k] for k in spec.axes), *(str(rec[c]) for c in spec.columns),
             *(_score(rec, m, best[m.name]) for m in spec.metrics), str(rec["n_finished"]), diverged, failed,
             not_done, _num(rec["attention_entropy_final"], 3), _num(rec["attention_entropy_min"], 3),
+            *(_num(rec[f"attention_entropy_min {g}"], 3) for g in spec.entropy_groups),
             _num(rec["loss_spikes"], 1), "" if rec["paper"] is None else str(rec["paper"])]
 
 
@@ -529,7 +609,8 @@ def markdown_table(records: list[dict[str, Any]], spec: TableSpec) -> str:
     head = ["cell", *spec.axes, *(c.replace("_", " ") for c in spec.columns),
             *(f"{m.name} (mean ± std, {'↑' if m.higher_is_better else '↓'})" for m in spec.metrics),
             "finished", "diverged", "failed", "not done (seeds)",
-            "attention entropy final", "attention entropy min", "loss spikes", "paper"]
+            "attention entropy final", "attention entropy min",
+            *(f"attention entropy min {g}" for g in spec.entropy_groups), "loss spikes", "paper"]
     best = {m.name: _best(records, m) for m in spec.metrics}
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(markdown_row(r, spec, best)) + " |" for r in records]
@@ -608,7 +689,11 @@ def write_table(out_dir: Path, spec: TableSpec, scale: str, records: list[dict[s
     ``<scale>.csv`` (every row)."""
     csv_path, md_path = out_dir / f"{scale}.csv", out_dir / f"{scale}.md"
     write_csv(csv_path, records)
-    every_row = [f"## Every row: each cell at each {spec.view.lr_axis}", ""] if view_lines and spec.view else []
+    every_row = [spec.view.every_row_title(), ""] if view_lines and spec.view else []
+    groups = [f"`attention entropy min {g}` is, per run, the minimum over probes and over the attention layers "
+              f"named like `{p}`" for g, p in spec.entropy_groups.items()]
+    entropy_groups = ("; ".join(groups) + " (its mean over finished and diverged seeds; "
+                      f"conf/table/{spec.name}.yaml report.entropy_groups).") if groups else ""
     md_path.write_text("\n".join([
         f"# Table {spec.name} (scale={scale})", "",
         f"What it reproduces and how it was run: recipes/{spec.name}.md.", "",
@@ -617,7 +702,8 @@ def write_table(out_dir: Path, spec: TableSpec, scale: str, records: list[dict[s
         *every_row,
         markdown_table(records, spec), "",
         READING.format(metrics=" and ".join(f"`{m.name}`" for m in spec.metrics)
-                       + (" is" if len(spec.metrics) == 1 else " are"), stale=stale_after_min), "",
+                       + (" is" if len(spec.metrics) == 1 else " are"), stale=stale_after_min)
+        + (" " + entropy_groups if entropy_groups else ""), "",
     ]))
     return md_path, csv_path
 
@@ -1017,6 +1103,200 @@ def write_lr_stability(out_dir: Path, rows: list[Row], spec: TableSpec, scale: s
     return lines, csv_path, png_path
 
 
+# -- the depth view -------------------------------------------------------------------------------
+# A table whose cells sit at several depths (mt_depth: 6L-6L ... 100L-100L x scheme), seen as each metric
+# against depth, one line per scheme. Written as a section of <scale>.md, as <scale>_depth.csv and as the
+# plot <scale>_vs_depth.png.
+@dataclass
+class DepthView:
+    """``report: {view: depth, depth: {x: model.depth, series_part: -1, metrics: [val/bleu, val/nll]}}``: for
+    a table whose cells differ in depth, each of ``metrics`` (a subset of report.metrics; default the
+    headline) against the depth, one line per *series*.
+
+    - A row's *depth* is the value of the config key ``x`` in its runs' resolved configs (the most common
+      one should they differ); rows without a run have none and are listed apart.
+    - A row's *series* is part ``series_part`` of its cell name split at "/" (-1, the last:
+      mt_depth/18L-18L/admin -> admin), with any other swept key's value and extra overrides appended.
+    - Each point is the row's record (``row_record``): mean ± std of the metric over its finished seeds,
+      its diverged seeds (with their divergence steps), failed ones and those not done.
+    """
+
+    x: str
+    series_part: int
+    metrics: list[Metric]
+
+    def every_row_title(self) -> str:
+        return "## Every row: each cell"
+
+    def write(self, out_dir: Path, rows: list[Row], spec: TableSpec, scale: str, paper: dict[str, Any], now: float,
+              stale_after_min: float) -> tuple[list[str], list[Path]]:
+        lines, csv_path, png_path = write_depth(out_dir, rows, spec, scale, paper, now, stale_after_min)
+        return lines, [csv_path, png_path]
+
+
+def depth_series(row: Row, spec: TableSpec) -> str:
+    """The line a row belongs to in the depth view (DepthView)."""
+    parts = row.cell.split("/")
+    try:
+        name = parts[spec.view.series_part]
+    except IndexError:
+        raise ConfigError(f"conf/table/{spec.name}.yaml: report.depth.series_part {spec.view.series_part} is not a "
+                          f"part of the cell name {row.cell!r} split at '/'") from None
+    return name + "".join(f" {k}={v}" for k, v in row.axes.items()) + (f" [{','.join(row.extras)}]" if row.extras else "")
+
+
+def row_depth(row: Row, key: str) -> float | None:
+    """The depth of a row: the value of config key ``key`` its runs have (the most common one)."""
+    values = [v for r in row.runs if r.config and (v := r.value(key)) is not None]
+    if not values:
+        return None
+    try:
+        return float(Counter(values).most_common(1)[0][0])
+    except (TypeError, ValueError):
+        raise ConfigError(f"view depth: {key}={values[0]!r} in the runs of {row.cell} is not a number; "
+                          f"report.depth.x must name a numeric config key") from None
+
+
+def depth_records(rows: list[Row], spec: TableSpec, paper: dict[str, Any], now: float,
+                  stale_after_min: float) -> list[tuple[dict[str, Any], Row]]:
+    """Per row, its record (the CSV row: its ``series`` and depth ``x``, then its row_record) and the row
+    itself; by series in the table's order, then by depth. Rows without a depth (no run yet) come last,
+    with x None."""
+    shown = {m.name for m in spec.metrics}  # the view's own metrics too, should --metric have replaced them
+    spec = replace(spec, metrics=[*spec.metrics, *(m for m in spec.view.metrics if m.name not in shown)])
+    out = [({"series": depth_series(row, spec), "x": row_depth(row, spec.view.x),
+             **row_record(row, spec, paper, now, stale_after_min)}, row) for row in rows]
+    series = list(dict.fromkeys(rec["series"] for rec, _ in out))
+    return sorted(out, key=lambda p: (p[0]["x"] is None, series.index(p[0]["series"]), p[0]["x"] or 0.0))
+
+
+def _depth_label(depth: float) -> str:
+    return f"{depth:g}"
+
+
+def _depth_cell(rec: dict[str, Any], metric: Metric, best: float | None) -> str:
+    mean, std = rec[f"{metric.name} mean"], rec[f"{metric.name} std"]
+    text = "—" if mean is None else f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+    if mean is not None and mean == best:
+        text = f"**{text}**"
+    marks = [f"†{rec['n_diverged']}"] if rec["n_diverged"] else []
+    marks += [f"!{rec['n_failed']}"] if rec["n_failed"] else []
+    not_done = sum(rec[f"n_{s}"] for s in NOT_DONE)
+    marks += [f"?{not_done}"] if not_done else []
+    return " ".join([text, *marks])
+
+
+def depth_markdown(records: list[dict[str, Any]], spec: TableSpec) -> str:
+    """Per metric of the view, a grid: one line per series, one column per depth."""
+    placed = [r for r in records if r["x"] is not None]
+    depths = sorted({r["x"] for r in placed})
+    series = list(dict.fromkeys(r["series"] for r in placed))
+    by_key = {(r["series"], r["x"]): r for r in placed}
+    blocks = []
+    for metric in spec.view.metrics:
+        best = {d: _best([r for r in placed if r["x"] == d], metric) for d in depths}
+        head = ["series", *(f"depth {_depth_label(d)}" for d in depths)]
+        lines = [f"### {metric.name} against depth ({'↑' if metric.higher_is_better else '↓'})", "",
+                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name in series:
+            cells = [_depth_cell(by_key[(name, d)], metric, best[d]) if (name, d) in by_key else "" for d in depths]
+            lines.append("| " + " | ".join([name, *cells]) + " |")
+        blocks.append("\n".join(lines))
+    unplaced = [r["cell"] + (f" [{r['extra_overrides']}]" if r["extra_overrides"] else "")
+                for r in records if r["x"] is None]
+    if unplaced:
+        blocks.append(f"Not drawn (no run, so no depth yet): {', '.join(unplaced)}.")
+    return "\n\n".join(blocks)
+
+
+DEPTH_READING = (
+    "How to read it: one line per series (a cell's scheme, part {part} of its name), one column per depth "
+    "(`{x}` of the runs' configs). Each entry is the mean ± sample standard deviation over the finished seeds, "
+    "the best at each depth in bold, — where no seed finished with a value; †n: n seeds diverged (a "
+    "non-finite training loss stopped them; steps in the table below), !n failed, ?n not done (running, "
+    "interrupted, incomplete or missing). The plot {plot} draws the same: a dot per finished seed, the line "
+    "through the means, an x along the top of the panel per diverged seed; each series a little apart on "
+    "the (log) depth axis so that their points stay visible. Every record, entropy groups included: {csv}."
+)
+
+
+def draw_depth(points: list[tuple[dict[str, Any], Row]], spec: TableSpec, scale: str, now: float,
+               stale_after_min: float):
+    """Each metric of the view (one panel each) against depth (log x), one colour per series: a dot per
+    finished seed's final value, a line through the means over finished seeds, an x along the top per
+    diverged seed. Series are offset a little along x (a factor 10^(±0.012 k)) so their points stay apart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullLocator
+    from matplotlib.transforms import blended_transform_factory
+
+    view = spec.view
+    placed = [(rec, row) for rec, row in points if rec["x"] is not None]
+    series = list(dict.fromkeys(rec["series"] for rec, _ in placed))
+    depths = sorted({rec["x"] for rec, _ in placed})
+    fig, axes = plt.subplots(len(view.metrics), 1, figsize=(10, 3.4 * len(view.metrics) + 0.6), sharex=True,
+                             constrained_layout=True, squeeze=False)
+    for ax, metric in zip(axes[:, 0], view.metrics):
+        top = blended_transform_factory(ax.transData, ax.transAxes)
+        for i, name in enumerate(series):
+            color, shift = f"C{i % 10}", 10 ** (0.012 * (i - (len(series) - 1) / 2))
+            mine = sorted(((rec, row) for rec, row in placed if rec["series"] == name), key=lambda p: p[0]["x"])
+            xs, means = [], []
+            for rec, row in mine:
+                x = rec["x"] * shift
+                finished = [r.summary.get("metrics", {}).get(metric.name) for r in row.runs
+                            if r.state(now, stale_after_min) == "finished"]
+                values = [v for v in finished if v is not None and np.isfinite(v)]
+                ax.scatter([x] * len(values), values, s=22, color=color, zorder=3, gid=f"seeds:{name}")
+                if rec[f"{metric.name} mean"] is not None:
+                    xs.append(x)
+                    means.append(rec[f"{metric.name} mean"])
+                if rec["n_diverged"]:
+                    ax.plot([x] * rec["n_diverged"], [0.97 - 0.02 * (i % 6)] * rec["n_diverged"], "x", color=color,
+                            markersize=8, transform=top, gid=f"diverged:{name}")
+            ax.plot(xs, means, "-", color=color, label=name, gid=f"mean:{name}")
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high + 0.15 * (high - low))  # a free band along the top for the diverged seeds' x
+        ax.set(ylabel=f"{metric.name} ({'↑' if metric.higher_is_better else '↓'})\n(line: mean over finished seeds)")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    bottom = axes[-1, 0]
+    bottom.set_xlabel(f"depth ({view.x})")
+    if depths:
+        bottom.set_xticks(depths, [_depth_label(d) for d in depths])
+        bottom.xaxis.set_minor_locator(NullLocator())
+    markers = [Line2D([], [], marker="o", linestyle="", color="k", label="a finished seed"),
+               Line2D([], [], marker="x", linestyle="", color="k", label="a diverged seed (drawn at the top)")]
+    handles, _ = axes[0, 0].get_legend_handles_labels()
+    axes[0, 0].legend(handles=handles + markers, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle(f"{spec.name} (scale={scale}): {', '.join(m.name for m in view.metrics)} against depth")
+    return fig
+
+
+def write_depth(out_dir: Path, rows: list[Row], spec: TableSpec, scale: str, paper: dict[str, Any], now: float,
+                stale_after_min: float) -> tuple[list[str], Path, Path]:
+    """The depth view: its Markdown section (for <scale>.md), <scale>_depth.csv and the plot <scale>_vs_depth.png."""
+    import matplotlib.pyplot as plt
+
+    points = depth_records(rows, spec, paper, now, stale_after_min)
+    records = [rec for rec, _ in points]
+    csv_path, png_path = out_dir / f"{scale}_depth.csv", out_dir / f"{scale}_vs_depth.png"
+    write_csv(csv_path, records)
+    fig = draw_depth(points, spec, scale, now, stale_after_min)
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    lines = [
+        "## Against depth (view depth)", "",
+        depth_markdown(records, spec), "",
+        DEPTH_READING.format(part=spec.view.series_part, x=spec.view.x, plot=png_path.name, csv=csv_path.name), "",
+        f"![{', '.join(m.name for m in spec.view.metrics)} against depth]({png_path.name})", "",
+    ]
+    return lines, csv_path, png_path
+
+
 # -- the command ----------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("table", help=f"a table config in conf/table/ ({', '.join(table_names())})")
@@ -1064,8 +1344,8 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) / spec.name
     view_lines, written = None, []
     if spec.view is not None:
-        view_lines, view_csv, plot = write_lr_stability(out_dir, rows, spec, args.scale, paper, now, args.stale_after)
-        written = [f"view:  {view_csv}", f"plot:  {plot}"]
+        view_lines, paths = spec.view.write(out_dir, rows, spec, args.scale, paper, now, args.stale_after)
+        written = [f"{'plot' if p.suffix == '.png' else 'view'}:  {p}" for p in paths]
     md_path, csv_path = write_table(out_dir, spec, args.scale, records, header, args.stale_after, view_lines)
     print(md_path.read_text())
     print("\n".join([f"table: {md_path}", f"data:  {csv_path}", *written]))
