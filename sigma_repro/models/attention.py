@@ -11,6 +11,10 @@ Those come through two identity taps, the convention of ``sigma_repro.diagnostic
 - ``last_key_padding_mask`` ((B, Tk) bool, True = pad, or None), ``last_query_padding_mask``
   ((B, Tq) bool or None) and ``last_causal`` (bool): the masks of the latest forward, so the
   probe can mask exactly the logits the kernel masked and average over real queries only.
+
+Incremental decoding (``sigma_repro.models.decoding``) passes a ``cache`` dict: self-attention
+appends each call's keys and values to it, cross-attention computes them from the encoder output
+once per sentence. A cached call still sends every key it uses through ``k_tap``.
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ class MultiHeadAttention(nn.Module):
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, dropout={self.dropout}"
 
     def forward(self, x: Tensor, context: Tensor | None = None, *, key_padding_mask: Tensor | None = None,
-                causal: bool = False, query_padding_mask: Tensor | None = None) -> Tensor:
+                causal: bool = False, query_padding_mask: Tensor | None = None,
+                cache: dict[str, Tensor] | None = None) -> Tensor:
         """Attend from ``x`` (B, Tq, dim) to ``context`` (B, Tk, kdim), or to ``x`` itself when None.
 
         key_padding_mask: (B, Tk) bool, True = padded key, never attended to.
@@ -62,22 +67,44 @@ class MultiHeadAttention(nn.Module):
         query_padding_mask: (B, Tq) bool, True = padded query. It does not change the output (a
             padded query's output is simply ignored downstream); it is recorded so the entropy
             probe averages over real queries. In self-attention it defaults to key_padding_mask.
+        cache: incremental decoding; a dict this call reads and fills. Self-attention (``context``
+            None or ``x``) appends this call's keys and values to ``cache["k"]``, ``cache["v"]``
+            (B, H, T_cached + Tq, hd), so keys are every position so far and key_padding_mask, if
+            given, covers them all (B, T_cached + Tq). Cross-attention computes keys and values
+            from ``context`` on the first call and reuses them afterwards (``context`` is then not
+            read). Once keys are cached, causal self-attention takes one new query at a time: the
+            latest position, which sees every key, so the call is recorded as not causal.
         Returns (B, Tq, dim).
         """
         if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
             raise ValueError(f"key_padding_mask must be a bool tensor (True = pad), got {key_padding_mask.dtype}")
+        self_attention = context is None or context is x
         context = x if context is None else context
-        if query_padding_mask is None and context is x:
-            query_padding_mask = key_padding_mask
+        B, Tq, _ = x.shape
+        q = self.q_proj(x).view(B, Tq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tq, hd)
+        cached = cache is not None and "k" in cache
+        if cached and not self_attention:  # cross-attention: this sentence's keys, computed once
+            k, v = cache["k"], cache["v"]  # (B, H, Tk, hd)
+        else:
+            S = context.shape[1]
+            k = self.k_proj(context).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
+            v = self.v_proj(context).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
+            if cached:  # self-attention: the new positions' keys after the cached ones
+                if causal and Tq != 1:
+                    raise ValueError(f"causal self-attention with {cache['k'].shape[2]} cached positions takes one "
+                                     f"new position per call, got {Tq}; feed the new tokens one at a time")
+                causal = False  # the one new query is the latest position: it may see every key
+                k = torch.cat([cache["k"], k], dim=2)  # (B, H, T_cached + Tq, hd)
+                v = torch.cat([cache["v"], v], dim=2)
+        if cache is not None:
+            cache["k"], cache["v"] = k, v
+        Tk = k.shape[2]
+        if query_padding_mask is None and self_attention:  # the queries' own padding: the last Tq keys'
+            query_padding_mask = key_padding_mask if key_padding_mask is None or Tk == Tq else key_padding_mask[:, -Tq:]
         self.last_key_padding_mask = key_padding_mask
         self.last_query_padding_mask = query_padding_mask
         self.last_causal = causal
 
-        B, Tq, _ = x.shape
-        Tk = context.shape[1]
-        q = self.q_proj(x).view(B, Tq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tq, hd)
-        k = self.k_proj(context).view(B, Tk, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tk, hd)
-        v = self.v_proj(context).view(B, Tk, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tk, hd)
         q, k = self.q_tap(q), self.k_tap(k)
         if key_padding_mask is None:  # no mask tensor: SDPA may pick its flash kernels
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,

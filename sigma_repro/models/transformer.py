@@ -80,9 +80,18 @@ class DecoderLayer(nn.Module):
             dim, FeedForward(dim, ffn_dim, activation=activation, dropout=activation_dropout, bias=bias), **residual)
 
     def forward(self, x: Tensor, memory: Tensor, padding_mask: Tensor | None = None,
-                memory_padding_mask: Tensor | None = None) -> Tensor:
-        x = self.self_attn(x, key_padding_mask=padding_mask, causal=True)
-        x = self.cross_attn(x, memory, key_padding_mask=memory_padding_mask, query_padding_mask=padding_mask)
+                memory_padding_mask: Tensor | None = None, cache: dict | None = None) -> Tensor:
+        """cache: incremental decoding, this layer's dict: its attentions keep their keys and values
+        under "self_attn" and "cross_attn" (see ``MultiHeadAttention.forward``); padding_mask then
+        covers every position so far, the new ones last."""
+        self_cache = None if cache is None else cache.setdefault("self_attn", {})
+        cross_cache = None if cache is None else cache.setdefault("cross_attn", {})
+        query_padding_mask = padding_mask  # the new positions' padding: the last ones with a cache
+        if padding_mask is not None and padding_mask.shape[1] != x.shape[1]:
+            query_padding_mask = padding_mask[:, -x.shape[1]:]
+        x = self.self_attn(x, key_padding_mask=padding_mask, causal=True, cache=self_cache)
+        x = self.cross_attn(x, memory, key_padding_mask=memory_padding_mask, query_padding_mask=query_padding_mask,
+                            cache=cross_cache)
         return self.ffn(x)
 
 
@@ -137,9 +146,14 @@ class TransformerStack(nn.Module):
         if scheme == "deepnorm":
             _deepnorm_init(self, beta)
 
-    def _run(self, x: Tensor, *args, **kwargs) -> Tensor:
-        for layer in self.layers:
-            x = layer(x, *args, **kwargs)
+    def _run(self, x: Tensor, *args, cache: dict | None = None, **kwargs) -> Tensor:
+        """The layers in order, then the final norm; with a ``cache`` dict, layer i gets its own
+        dict ``cache["layers.<i>"]`` (incremental decoding)."""
+        for i, layer in enumerate(self.layers):
+            if cache is None:
+                x = layer(x, *args, **kwargs)
+            else:
+                x = layer(x, *args, cache=cache.setdefault(f"layers.{i}", {}), **kwargs)
         return self.final_norm(x)
 
     def transformer_blocks(self) -> list[tuple[str, nn.Module]]:
@@ -188,6 +202,12 @@ class TransformerDecoder(TransformerStack):
     forward(x (B, T, dim), memory (B, S, dim), padding_mask (B, T), memory_padding_mask (B, S)),
     masks True = pad. Options: see ``TransformerStack``. encoder_depth: depth of the paired
     encoder, required by scheme="deepnorm", whose constants are set per encoder-decoder pair.
+
+    Incremental decoding: ``forward(..., cache={})`` with one dict kept across calls feeds only the
+    new positions (one at a time once the cache holds keys); keys and values of earlier positions
+    and of ``memory`` come from the cache, as ``{"layers.<i>": {"self_attn": {"k", "v"},
+    "cross_attn": {"k", "v"}}}`` tensors (B, H, T, head_dim) (``sigma_repro.models.decoding``
+    reorders them along the batch). padding_mask, if given, then covers every position so far.
     """
 
     def __init__(self, *, depth: int, encoder_depth: int | None = None, **options):
@@ -198,8 +218,8 @@ class TransformerDecoder(TransformerStack):
                          part="decoder", depth=depth, **options)
 
     def forward(self, x: Tensor, memory: Tensor, *, padding_mask: Tensor | None = None,
-                memory_padding_mask: Tensor | None = None) -> Tensor:
-        return self._run(x, memory, padding_mask=padding_mask, memory_padding_mask=memory_padding_mask)
+                memory_padding_mask: Tensor | None = None, cache: dict | None = None) -> Tensor:
+        return self._run(x, memory, padding_mask=padding_mask, memory_padding_mask=memory_padding_mask, cache=cache)
 
 
 class DecoderOnly(TransformerStack):
