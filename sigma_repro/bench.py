@@ -11,7 +11,12 @@ and without σReparam in one process, interleaved (plain, reparam, plain, ...) s
 machine load, and reports medians after warmup. `--task vit` (default): a timm ViT on random
 images; `--task lm`: a GPT from conf/model/gpt_*.yaml on random byte tokens, by default the
 family's default run (gpt_tiny, vocabulary 256, block 128, batch 32 as data=stdlib) and batch 8,
-also reporting tokens/s.
+also reporting tokens/s; `--task translation`: an encoder-decoder from conf/model/mt_*.yaml on
+random sentence pairs (default mt_tiny, vocabulary 6,000 and 64 pairs as data=gettext_de, source and
+target 32 tokens), reporting target tokens/s, and then decoding speed of both models (sentences/s,
+greedy and beam search with conf/task/translation.yaml's beam, length penalty and length limit, on
+``--decode-sentences`` random sources; an untrained model rarely emits eos, so hypotheses run to
+their length limit and the workload is the same for both).
 Wall time is synchronised with the GPU; on a shared CPU it is noisy, so process time is recorded
 too. The goal this was written for (2 CPU cores, a realistic batch: ViT-S/16 at 224 batch >= 16,
 the LM at batch 32 x 128 tokens: <= 1.05x) is reported, not asserted.
@@ -103,17 +108,29 @@ def _lm_models() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "model").glob("gpt_*.yaml"))
 
 
+def _mt_models() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("mt_*.yaml"))
+
+
 def _add_reparam_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=list(REPARAM_SUBJECTS), default="vit",
-                        help="vit: a timm ViT on images; lm: a GPT (conf/model/gpt_*.yaml) on tokens")
-    parser.add_argument("--model", choices=[*VIT_SIZES, *_lm_models()], default=None,
-                        help="vit: timm ViT size, patch 16 (default vit_small); lm: model config (default gpt_tiny)")
-    parser.add_argument("--depth", type=int, default=None, help="number of blocks (default: the size's)")
+                        help="vit: a timm ViT on images; lm: a GPT (conf/model/gpt_*.yaml) on tokens; translation: "
+                             "an encoder-decoder (conf/model/mt_*.yaml) on sentence pairs, and its decoding speed")
+    parser.add_argument("--model", choices=[*VIT_SIZES, *_lm_models(), *_mt_models()], default=None,
+                        help="vit: timm ViT size, patch 16 (default vit_small); lm, translation: model config "
+                             "(default gpt_tiny, mt_tiny)")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="number of blocks (translation: layers of each stack; default: the size's)")
     parser.add_argument("--img-size", type=int, default=None, help="vit only (default 224)")
-    parser.add_argument("--seq-len", type=int, default=None, help="lm only: tokens per sequence (default 128)")
-    parser.add_argument("--vocab-size", type=int, default=None, help="lm only (default 256, bytes)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="lm: tokens per sequence (default 128); translation: source and target tokens (default 32)")
+    parser.add_argument("--vocab-size", type=int, default=None, help="lm (default 256, bytes), translation (default 6000)")
     parser.add_argument("--batch-sizes", type=_positive_ints, default=None,
-                        help="e.g. 1,4,16 (default: vit 1,4,16; lm 8,32)")
+                        help="e.g. 1,4,16 (default: vit 1,4,16; lm 8,32; translation 16,64)")
+    parser.add_argument("--decode-sentences", type=int, default=None,
+                        help="translation only: source sentences decoded at once (default 64)")
+    parser.add_argument("--decode-repeats", type=int, default=None,
+                        help="translation only: timed decodings per model and method (default 3)")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per model and batch size")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model and batch size first")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -127,11 +144,11 @@ def _add_reparam_arguments(parser: argparse.ArgumentParser) -> None:
 
 class BenchSubject(NamedTuple):
     """What `bench reparam` trains for one --task: the plain model, ``batch(n) -> (inputs, targets)``
-    on the device, the header's description, and (unit, units per example) for a throughput
+    on the device (``model(*inputs)`` gives the logits), the header's description, and (unit, units per example) for a throughput
     column, or None."""
 
     model: nn.Module
-    batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+    batch: Callable[[int], tuple[tuple[torch.Tensor, ...], torch.Tensor]]  # n -> (model inputs, targets)
     title: str
     units: tuple[str, int] | None
 
@@ -149,7 +166,8 @@ def _resolve(args: argparse.Namespace, task: str, defaults: dict, foreign: tuple
 
 def _vit_subject(args: argparse.Namespace, device: torch.device) -> BenchSubject:
     """A timm ViT (patch 16, 1000 classes) on random images."""
-    _resolve(args, "vit", {"model": "vit_small", "img_size": 224, "batch_sizes": [1, 4, 16]}, ("seq_len", "vocab_size"))
+    _resolve(args, "vit", {"model": "vit_small", "img_size": 224, "batch_sizes": [1, 4, 16]},
+             ("seq_len", "vocab_size", *DECODE_OPTIONS))
     if args.model not in VIT_SIZES:
         raise ConfigError(f"--task vit takes a ViT size {list(VIT_SIZES)}, got --model {args.model}; "
                           f"GPT configs go with --task lm")
@@ -159,7 +177,7 @@ def _vit_subject(args: argparse.Namespace, device: torch.device) -> BenchSubject
 
     def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.randn(n, 3, args.img_size, args.img_size, device=device)
-        return images, torch.randint(0, 1000, (n,), device=device)
+        return (images,), torch.randint(0, 1000, (n,), device=device)
 
     return BenchSubject(plain, batch, f"{args.model} depth {args.depth or 12}, img {args.img_size}", None)
 
@@ -170,7 +188,7 @@ def _lm_subject(args: argparse.Namespace, device: torch.device) -> BenchSubject:
     from omegaconf import OmegaConf
 
     _resolve(args, "lm", {"model": "gpt_tiny", "seq_len": 128, "vocab_size": 256, "batch_sizes": [8, 32]},
-             ("img_size",))
+             ("img_size", *DECODE_OPTIONS))
     if args.model not in _lm_models():
         raise ConfigError(f"--task lm takes a GPT config {_lm_models()}, got --model {args.model}; "
                           f"ViT sizes go with --task vit")
@@ -184,7 +202,7 @@ def _lm_subject(args: argparse.Namespace, device: torch.device) -> BenchSubject:
 
     def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = torch.randint(0, args.vocab_size, (n, args.seq_len + 1), device=device)
-        return tokens[:, :-1], tokens[:, 1:]  # (n, T) inputs and their next tokens
+        return (tokens[:, :-1],), tokens[:, 1:]  # (n, T) inputs and their next tokens
 
     params = sum(p.numel() for p in plain.parameters())
     title = (f"{args.model} (depth {cfg.depth}, dim {cfg.dim}, {params / 1e6:.2f}M parameters), "
@@ -192,18 +210,62 @@ def _lm_subject(args: argparse.Namespace, device: torch.device) -> BenchSubject:
     return BenchSubject(plain, batch, title, ("tokens", args.seq_len))
 
 
-REPARAM_SUBJECTS = {"vit": _vit_subject, "lm": _lm_subject}
+DECODE_OPTIONS = ("decode_sentences", "decode_repeats")  # translation only
+# the special ids of the translation data (sigma_repro.data.parallel): 0 pad, 1 unk, 2 bos, 3 eos
+PAD_ID, BOS_ID, EOS_ID, FIRST_WORD_ID = 0, 2, 3, 4
 
 
-def _train_step(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, dtype: str) -> Callable[[], None]:
-    """One AdamW training step on cross-entropy: logits (..., C) against targets (...), so image
-    labels (B,) and next tokens (B, T) alike."""
+def _mt_subject(args: argparse.Namespace, device: torch.device) -> BenchSubject:
+    """An encoder-decoder from conf/model/<model>.yaml, as the app builds it, on random sentence pairs of
+    ``seq_len`` source and target tokens without padding (teacher forcing: bos + target in, target out)."""
+    import hydra.utils
+    from omegaconf import OmegaConf
+
+    _resolve(args, "translation", {"model": "mt_tiny", "seq_len": 32, "vocab_size": 6000, "batch_sizes": [16, 64],
+                                   "decode_sentences": 64, "decode_repeats": 3}, ("img_size",))
+    if args.model not in _mt_models():
+        raise ConfigError(f"--task translation takes an encoder-decoder config {_mt_models()}, got --model "
+                          f"{args.model}; ViT sizes go with --task vit, GPT configs with --task lm")
+    if args.seq_len < 1 or args.vocab_size <= FIRST_WORD_ID or args.decode_sentences < 1 or args.decode_repeats < 1:
+        raise ConfigError(f"--seq-len, --decode-sentences and --decode-repeats must be >= 1 and --vocab-size > "
+                          f"{FIRST_WORD_ID} (ids 0-3 are pad, unk, bos, eos); got {args.seq_len}, "
+                          f"{args.decode_sentences}, {args.decode_repeats} and {args.vocab_size}")
+    cfg = OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml")
+    if args.depth:
+        cfg.depth = args.depth
+    torch.manual_seed(0)
+    # positions for the longest decoded hypothesis too: bos + max_len_a * (seq_len) + max_len_b tokens
+    task = OmegaConf.load(CONF_DIR / "task" / "translation.yaml")
+    max_positions = max(args.seq_len + 1, int(task.max_len_a * args.seq_len + task.max_len_b) + 2)
+    plain = hydra.utils.instantiate(cfg, vocab_size=args.vocab_size, pad_id=PAD_ID, max_positions=max_positions)
+
+    def batch(n: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        # as the data's batches: source ids + eos; bos + target ids in, target ids + eos out
+        src = torch.randint(FIRST_WORD_ID, args.vocab_size, (n, args.seq_len), device=device)
+        tgt = torch.randint(FIRST_WORD_ID, args.vocab_size, (n, args.seq_len + 1), device=device)
+        src[:, -1], tgt[:, 0], tgt[:, -1] = EOS_ID, BOS_ID, EOS_ID
+        return (src, tgt[:, :-1]), tgt[:, 1:]  # (n, S) source, (n, T) bos + target; (n, T) target + eos
+
+    params = sum(p.numel() for p in plain.parameters())
+    encoder, decoder = (cfg.get(f"{stack}_depth") or cfg.depth for stack in ("encoder", "decoder"))
+    title = (f"{args.model} ({encoder}L-{decoder}L, dim {cfg.dim}, {params / 1e6:.2f}M parameters), "
+             f"source and target {args.seq_len} tokens, vocab {args.vocab_size}")
+    return BenchSubject(plain, batch, title, ("tokens", args.seq_len))
+
+
+REPARAM_SUBJECTS = {"vit": _vit_subject, "lm": _lm_subject, "translation": _mt_subject}
+
+
+def _train_step(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor,
+                dtype: str) -> Callable[[], None]:
+    """One AdamW training step on cross-entropy: logits (..., C) of ``model(*inputs)`` against targets
+    (...), so image labels (B,), next tokens (B, T) and target tokens (B, T) alike."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss = F.cross_entropy(model(inputs).flatten(0, -2), targets.flatten())
+        with torch.autocast(targets.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = F.cross_entropy(model(*inputs).flatten(0, -2), targets.flatten())
         loss.backward()
         optimizer.step()
 
@@ -261,8 +323,66 @@ def _run_reparam(args: argparse.Namespace) -> int:
             result[f"{unit}_per_s"] = {name: batch_size * per_example / medians[name]["wall_s"] for name in models}
         record["results"].append(result)
         _print_reparam_row(result, subject)
+    if args.task == "translation":
+        record["decoding"] = _time_decoding(args, subject, {"plain": plain, "reparam": reparam}, device)
+        _print_decoding(record["decoding"])
     _write_record(record, args.out)
     return 0
+
+
+def _time_decoding(args: argparse.Namespace, subject: BenchSubject, models: dict[str, nn.Module],
+                   device: torch.device) -> dict:
+    """Greedy and beam-search decoding of ``--decode-sentences`` random sources by each model (eval mode,
+    as the task decodes; not compiled; bf16 autocast with --dtype bf16), interleaved as the training steps
+    are; the beam, length penalty and length limit are conf/task/translation.yaml's. Medians after one
+    untimed decoding (with --warmup > 0)."""
+    from omegaconf import OmegaConf
+
+    from sigma_repro.models.decoding import beam_search, greedy_decode
+
+    task = OmegaConf.load(CONF_DIR / "task" / "translation.yaml")
+    limits = dict(bos_id=BOS_ID, eos_id=EOS_ID, max_len_a=float(task.max_len_a), max_len_b=float(task.max_len_b))
+    methods = {"greedy": partial(greedy_decode, **limits),
+               "beam": partial(beam_search, beam_size=int(task.beam_size), lenpen=float(task.lenpen), **limits)}
+    (src, _), _ = subject.batch(args.decode_sentences)
+    samples = {name: {method: [] for method in methods} for name in models}
+    lengths = {name: {} for name in models}
+    hypotheses: list[list[int]] = []
+
+    def run(decode: Callable, model: nn.Module) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+            hypotheses[:] = decode(model, src)
+
+    for repeat in range(min(args.warmup, 1) + args.decode_repeats):
+        for method, decode in methods.items():
+            for name, model in models.items():
+                wall, _ = time_call(partial(run, decode, model), device)
+                if repeat >= min(args.warmup, 1):
+                    samples[name][method].append(wall)
+                lengths[name][method] = sum(map(len, hypotheses)) / len(hypotheses)
+    return {
+        "sentences": args.decode_sentences, "source_tokens": args.seq_len,
+        "beam_size": int(task.beam_size), "lenpen": float(task.lenpen),
+        "max_len_a": limits["max_len_a"], "max_len_b": limits["max_len_b"],
+        **{name: {method: {"wall_s": statistics.median(samples[name][method]), "samples": samples[name][method],
+                           "sentences_per_s": args.decode_sentences / statistics.median(samples[name][method]),
+                           "mean_hypothesis_tokens": lengths[name][method]}
+                  for method in methods} for name in models},
+        "ratio": {method: statistics.median(samples["reparam"][method]) / statistics.median(samples["plain"][method])
+                  for method in methods},
+    }
+
+
+def _print_decoding(d: dict) -> None:
+    print(f"decoding {d['sentences']} sources of {d['source_tokens']} tokens (beam {d['beam_size']}, lenpen "
+          f"{d['lenpen']:g}, at most {d['max_len_a']:g} x source + {d['max_len_b']:g} tokens), median wall time")
+    print(f"{'method':>6}  {'plain s':>8}  {'reparam s':>9}  {'ratio':>6}  {'plain sent/s':>12}  "
+          f"{'reparam sent/s':>14}  {'tokens/hyp':>10}")
+    for method in ("greedy", "beam"):
+        p, r = d["plain"][method], d["reparam"][method]
+        print(f"{method:>6}  {p['wall_s']:>8.3f}  {r['wall_s']:>9.3f}  {d['ratio'][method]:>6.3f}  "
+              f"{p['sentences_per_s']:>12.1f}  {r['sentences_per_s']:>14.1f}  {p['mean_hypothesis_tokens']:>10.1f}",
+              flush=True)
 
 
 def _print_reparam_header(record: dict, subject: BenchSubject) -> None:
@@ -427,7 +547,8 @@ def _print_diagnostics(record: dict) -> None:
 
 
 BENCHMARKS = {
-    "reparam": Benchmark("training-step time of a timm ViT (--task vit) or a GPT (--task lm) with and without σReparam",
+    "reparam": Benchmark("training-step time of a timm ViT (--task vit), a GPT (--task lm) or an encoder-decoder "
+                         "(--task translation, and its decoding speed) with and without σReparam",
                          _add_reparam_arguments, _run_reparam),
     "diagnostics": Benchmark("overhead of the AttentionDiagnostics callback on the digits ViT",
                              _add_diagnostics_arguments, _run_diagnostics),
