@@ -15,8 +15,8 @@ also reporting tokens/s; `--task translation`: an encoder-decoder from conf/mode
 random sentence pairs (default mt_tiny, vocabulary 6,000 and 64 pairs as data=gettext_de, source and
 target 32 tokens), reporting target tokens/s, and then decoding speed of both models (sentences/s,
 greedy and beam search with conf/task/translation.yaml's beam, length penalty and length limit, on
-``--decode-sentences`` random sources; an untrained model rarely emits eos, so hypotheses run to
-their length limit and the workload is the same for both).
+``--decode-sentences`` random sources; eos is kept out of the untrained models' choices until the
+length limit forces it, so every hypothesis has the same length and both models the same workload).
 Wall time is synchronised with the GPU; on a shared CPU it is noisy, so process time is recorded
 too. The goal this was written for (2 CPU cores, a realistic batch: ViT-S/16 at 224 batch >= 16,
 the LM at batch 32 x 128 tokens: <= 1.05x) is reported, not asserted.
@@ -335,7 +335,12 @@ def _time_decoding(args: argparse.Namespace, subject: BenchSubject, models: dict
     """Greedy and beam-search decoding of ``--decode-sentences`` random sources by each model (eval mode,
     as the task decodes; not compiled; bf16 autocast with --dtype bf16), interleaved as the training steps
     are; the beam, length penalty and length limit are conf/task/translation.yaml's. Medians after one
-    untimed decoding (with --warmup > 0)."""
+    untimed decoding (with --warmup > 0).
+
+    An untrained model of this family puts eos first after a token or two (its tied head scores the
+    embedding it was fed highest), which would time one-token translations. So while timing, a forward
+    hook on the output head lowers eos's logit by 1e4 (one indexed subtraction a step): eos comes only
+    where the length limit forces it, and every hypothesis has max_len_a * source + max_len_b tokens."""
     from omegaconf import OmegaConf
 
     from sigma_repro.models.decoding import beam_search, greedy_decode
@@ -353,15 +358,23 @@ def _time_decoding(args: argparse.Namespace, subject: BenchSubject, models: dict
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
             hypotheses[:] = decode(model, src)
 
-    for repeat in range(min(args.warmup, 1) + args.decode_repeats):
-        for method, decode in methods.items():
-            for name, model in models.items():
-                wall, _ = time_call(partial(run, decode, model), device)
-                if repeat >= min(args.warmup, 1):
-                    samples[name][method].append(wall)
-                lengths[name][method] = sum(map(len, hypotheses)) / len(hypotheses)
+    def no_eos(module: nn.Module, inputs: tuple, logits: torch.Tensor) -> torch.Tensor:
+        return logits.index_fill(-1, torch.tensor([EOS_ID], device=logits.device), -1e4)  # (B, T, V)
+
+    hooks = [model.head.register_forward_hook(no_eos) for model in models.values()]
+    try:
+        for repeat in range(min(args.warmup, 1) + args.decode_repeats):
+            for method, decode in methods.items():
+                for name, model in models.items():
+                    wall, _ = time_call(partial(run, decode, model), device)
+                    if repeat >= min(args.warmup, 1):
+                        samples[name][method].append(wall)
+                    lengths[name][method] = sum(map(len, hypotheses)) / len(hypotheses)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return {
-        "sentences": args.decode_sentences, "source_tokens": args.seq_len,
+        "sentences": args.decode_sentences, "source_tokens": args.seq_len, "eos_held_back": True,
         "beam_size": int(task.beam_size), "lenpen": float(task.lenpen),
         "max_len_a": limits["max_len_a"], "max_len_b": limits["max_len_b"],
         **{name: {method: {"wall_s": statistics.median(samples[name][method]), "samples": samples[name][method],

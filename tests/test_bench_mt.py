@@ -74,8 +74,10 @@ def test_translation_bench_writes_step_ratios_and_decoding_speed(tmp_path, capsy
     for name, _, _, options, hypotheses in decoded:
         extra = {"beam_size": task.beam_size, "lenpen": task.lenpen} if name == "beam_search" else {}
         assert options == {**limits, **extra}
-        assert all(len(h) <= int(task.max_len_a * 6 + task.max_len_b) for h in hypotheses)
+        # eos held back until the length limit: every hypothesis is as long as it may be (the eos not counted)
+        assert [len(h) for h in hypotheses] == [int(task.max_len_a * 6 + task.max_len_b)] * 3
     assert sum(m is model for _, m, *_ in decoded) == len(decoded) / 2  # half of the calls decode the σReparam model
+    assert d["eos_held_back"] and not model.head._forward_hooks  # the hook is gone after timing
     for method, function in (("greedy", "greedy_decode"), ("beam", "beam_search")):
         for who in ("plain", "reparam"):
             timing = d[who][method]
