@@ -242,3 +242,31 @@ def test_defaults_draw_the_headline_against_model_depth():
 def test_entropy_groups_must_map_names_to_patterns(groups):
     with pytest.raises(ConfigError, match="report.entropy_groups must map a column name to an fnmatch pattern"):
         results._entropy_groups("t", {"entropy_groups": groups})
+
+
+@pytest.mark.slow
+def test_entropy_groups_and_depth_view_read_a_real_run_of_the_app(tmp_path):
+    """Three steps of a real mt_depth cell (one layer per stack): every kind of attention the model names
+    falls into its group, and the table takes its numbers from what train.py wrote."""
+    from .test_train import train
+
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    train(runs, "experiment=mt_depth/6L-6L/sigma_post_ln", "scale=proxy", "logger=csv", "model.depth=1",
+          "trainer.max_steps=3", "trainer.enable_progress_bar=false")
+    summary = json.loads(next(runs.rglob("summary.json")).read_text())
+    entropy = dict(zip(summary["attention_entropy"]["layers"], summary["attention_entropy"]["min"]))
+    groups = results.load_table(TABLE).entropy_groups
+    matched = {group: [v for name, v in entropy.items() if re.fullmatch(p.replace(".", r"\.").replace("*", ".*"), name)]
+               for group, p in groups.items()}
+    assert all(len(v) == 1 for v in matched.values()) and sum(map(len, matched.values())) == len(entropy) == 3
+
+    assert main(["table", TABLE, str(runs), "--seeds", "0", "--out", str(out)]) == 0
+    with (out / TABLE / "proxy.csv").open(newline="") as f:
+        real, = [r for r in csv.DictReader(f) if r["extra_overrides"]]
+    assert real["extra_overrides"] == "model.depth=1,trainer.max_steps=3" and real["n_finished"] == "1"
+    assert float(real["val/bleu mean"]) == pytest.approx(summary["metrics"]["val/bleu"])
+    for group, values in matched.items():
+        assert float(real[f"attention_entropy_min {group}"]) == pytest.approx(values[0])
+    with (out / TABLE / "proxy_depth.csv").open(newline="") as f:
+        placed = [(r["series"], r["x"]) for r in csv.DictReader(f) if r["x"]]
+    assert placed == [("sigma_post_ln [model.depth=1,trainer.max_steps=3]", "1.0")]
