@@ -2,7 +2,8 @@
 
 Commands: ``demo`` (plain vs σReparam on embedded digits), ``bench`` (performance measurements),
 ``analysis`` (the papers' analytical results), ``table`` (finished runs -> a paper table),
-``compare`` (curves of chosen runs on shared axes), ``data`` (build a family's derived data into the cache).
+``compare`` (curves of chosen runs on shared axes), ``data`` (build a family's derived data into the cache),
+``translate`` (decode text with a trained translation run).
 Training and sweeps go through the Hydra app ``sigma-repro-train``.
 """
 
@@ -11,11 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sigma_repro import analysis, bench, compare, demo, results
+from sigma_repro import analysis, bench, compare, demo, results, translate
 from sigma_repro.data import commands as data
 from sigma_repro.errors import ConfigError
 
-COMMANDS = {"demo": demo, "bench": bench, "analysis": analysis, "table": results, "compare": compare, "data": data}
+COMMANDS = {"demo": demo, "bench": bench, "analysis": analysis, "table": results, "compare": compare, "data": data,
+            "translate": translate}
 
 
 def main(argv: list[str] | None = None) -> int:

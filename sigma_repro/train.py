@@ -203,6 +203,9 @@ def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
         # Final metrics always describe the final weights, however the last epoch ended.
         trainer.validate(task, datamodule=datamodule, verbose=False)
         metrics.update(scalar_metrics(trainer))
+    # What a family computes once on the final weights (translation: the test set with the beam).
+    final = task.final_evaluation(datamodule, out) if task.diverged_step is None else {}
+    metrics.update(final.get("metrics", {}))
     return {
         **entropy_summary(trainer),
         "status": "diverged" if task.diverged_step is not None else "finished",
@@ -215,6 +218,7 @@ def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "headline_metric": {"name": task.headline_metric, "higher_is_better": task.higher_is_better},
         "metrics": metrics,
         "data": datamodule.describe(),
+        **({"evaluation": final["evaluation"]} if final.get("evaluation") else {}),
         "wandb_run_id": wandb_run_id(run_name) if cfg.logger.get("wandb", {}).get("enabled") else None,
     }
 
@@ -273,7 +277,7 @@ def print_summary(summary: dict[str, Any], out: Path, *, head: str = "run ended"
         better = "higher" if headline["higher_is_better"] else "lower"
         lines.append(f"  headline    {headline['name']} {summary['metrics'][headline['name']]:.4f} ({better} is better)")
     for key in sorted(summary.get("metrics", {})):
-        if key.startswith(("val/", "train/loss")):
+        if key.startswith(("val/", "test/", "train/loss")):
             lines.append(f"  {key:28s} {summary['metrics'][key]:.4f}")
     if "attention_entropy" in summary:
         ent = summary["attention_entropy"]

@@ -8,6 +8,7 @@ reads files: data comes from a DataModule, the model from ``sigma_repro.models``
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 from time import perf_counter
 from typing import Any
 
@@ -154,6 +155,13 @@ class StabilityTask(L.LightningModule):
 
     def probe_inputs(self, n: int) -> tuple[tuple, dict]:
         raise NotImplementedError
+
+    def final_evaluation(self, datamodule: Any, out: Path) -> dict[str, Any]:
+        """What the family computes once on the final weights of a run that did not diverge, after
+        the final validation: ``{"metrics": {name: float}, "evaluation": {JSON facts}}``, merged into
+        the run summary's ``metrics`` and ``evaluation`` (e.g. translation: test BLEU with the beam,
+        sacrebleu's signature; files it writes go to the run dir ``out``). Default: nothing."""
+        return {}
 
     # -- run bookkeeping ------------------------------------------------------------------------
     def loss_spikes(self) -> int:
