@@ -325,9 +325,13 @@ def test_named_test_set_is_read_offline_from_sacrebleu_dir(tmp_path, monkeypatch
     dm = WmtDataModule(root=str(tmp_path / "wmt"), test_set="wmt14", vocab_size=VOCAB, batch_size=4)
     assert dm.sources("test") == [s for s, _ in named] and dm.references("test") == [t for _, t in named]
     batches = list(dm.test_dataloader())
-    assert torch.cat([b["index"] for b in batches]).tolist() == list(range(7))
+    order = torch.cat([b["index"] for b in batches]).tolist()
+    assert sorted(order) == list(range(7))  # every pair once, shortest first
+    longer_side = [max(len(dm.encode_source(s)), len(dm.tokenizer.encode(t)) + 1) for s, t in named]
+    assert [longer_side[i] for i in order] == sorted(longer_side)
     first = batches[0]
-    assert first["src"][0, :len(dm.encode_source(named[0][0]))].tolist() == dm.encode_source(named[0][0])
+    source = dm.encode_source(named[order[0]][0])
+    assert first["src"][0, :len(source)].tolist() == source
     assert dm.describe()["test_set"] == "wmt14" and dm.describe()["test_pairs"] == 7
     assert dm.describe()["test_set_dir"] == str(sacrebleu / "wmt14")
     assert dm.bleu_indices("test") == list(range(7)) and len(dm.sources("valid")) == 10  # valid stays the tree's
@@ -400,7 +404,10 @@ def test_batches_hold_eos_bos_pad_and_index_of_independently_encoded_pairs(local
         assert max(len(encode(sources[i])) + 1 for i in batch["index"].tolist()) == batch["src"].shape[1]
 
     val = list(dm.val_dataloader())
-    assert torch.cat([b["index"] for b in val]).tolist() == list(range(corpus.pairs["valid"]))
+    val_order = torch.cat([b["index"] for b in val]).tolist()
+    assert sorted(val_order) == list(range(corpus.pairs["valid"]))  # every pair once, shortest first
+    longer = [max(len(encode(s)), len(encode(t))) for s, t in zip(corpus.sources["valid"], corpus.targets["valid"])]
+    assert [longer[i] for i in val_order] == sorted(longer)
     for batch in val:
         check(batch, dm.sources("valid"), dm.references("valid"))
     assert dm.sources("valid") == corpus.sources["valid"] and dm.references("test") == corpus.targets["test"]
@@ -557,3 +564,28 @@ def test_bad_options_are_config_errors(tmp_path, locale_dir):
                            ({"data_seed": 1.5}, "data.data_seed must be")):
         with pytest.raises(ConfigError, match=match):
             SyntheticTranslationDataModule(**options)
+
+
+def test_length_grouped_sampler_sorts_groups_shuffles_batches_and_resumes_exactly():
+    from sigma_repro.data.parallel import LengthGroupedSampler
+
+    lengths = np.random.default_rng(0).integers(1, 60, size=203)
+    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=3, group_batches=4)
+    sampler.set_epoch(2)
+    keys = [i for i, _ in sampler.epoch_keys()]
+    assert sorted(keys) == list(range(203))  # every item once
+    batches = [keys[i:i + 8] for i in range(0, 200, 8)]  # 25 full batches; the 3 left over come last
+    assert set(keys[200:]) == set(range(203)) - {i for b in batches for i in b}
+    for batch in batches:  # each batch is a run of one sorted group
+        assert [lengths[i] for i in batch] == sorted(lengths[i] for i in batch)
+    waste = sum(max(lengths[b]) * len(b) - lengths[b].sum() for b in map(np.array, batches))
+    random_waste = sum(max(lengths[b]) * 8 - lengths[b].sum() for b in np.arange(200).reshape(25, 8))
+    assert waste < random_waste / 3  # far less padding than batches in index order
+    assert keys == [i for i, _ in sampler.epoch_keys()]  # a function of (seed, epoch) alone
+    sampler.set_epoch(3)
+    assert keys != [i for i, _ in sampler.epoch_keys()]
+    sampler.set_epoch(2)
+    sampler.start = 16  # a resumed epoch skips its first two batches exactly
+    assert [i for i, _ in sampler] == keys[16:]
+    prefix = LengthGroupedSampler(lengths, batch_size=8, seed=3, group_batches=4, per_epoch=64)
+    assert len(prefix) == 64 and len(prefix.epoch_keys()) == 64

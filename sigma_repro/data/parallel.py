@@ -554,6 +554,44 @@ class TranslationPairs(Dataset):
         return self.sources[index], self.targets[index], index
 
 
+class LengthGroupedSampler(ResumableSampler):
+    """A ``ResumableSampler`` whose batches hold pairs of similar length (fairseq batches by length too).
+
+    An epoch's keys (this rank's shard of the ``(seed, epoch)`` permutation; with ``per_epoch``, its
+    first ``per_epoch // num_replicas`` as ``text.EpochPrefixSampler``) are cut into groups of
+    ``group_batches · batch_size``; each group is sorted by length (the longer side of the pair,
+    stable), cut into batches of ``batch_size``, and the batches of the epoch are shuffled by a
+    generator of ``(seed, epoch)``; an incomplete last batch stays last, where ``drop_last`` drops
+    it. Padding falls from about 4x the real tokens (random batches of the gettext pairs) to a few
+    percent. The order is a function of ``(seed, epoch, rank)`` alone, so a resumed epoch skips its
+    first batches exactly (``ResumableDataLoader`` sets ``start``).
+    """
+
+    def __init__(self, lengths: np.ndarray, *, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0,
+                 per_epoch: int | None = None, group_batches: int = 32):
+        super().__init__(len(lengths), seed=seed, num_replicas=num_replicas, rank=rank)
+        if per_epoch is not None:
+            self.num_samples = min(self.num_samples, per_epoch // num_replicas)
+        self.lengths, self.batch_size, self.group = lengths, batch_size, group_batches * batch_size
+
+    def epoch_keys(self) -> list[tuple[int, int]]:
+        keys = super().epoch_keys()[: self.num_samples]
+        batches = []
+        for start in range(0, len(keys), self.group):
+            group = sorted(keys[start:start + self.group], key=lambda key: self.lengths[key[0]])
+            batches += [group[i:i + self.batch_size] for i in range(0, len(group), self.batch_size)]
+        tail = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 7)
+        order = torch.randperm(len(batches), generator=generator).tolist()
+        return [key for i in order for key in batches[i]] + [key for batch in tail for key in batch]
+
+
+def _by_length(pairs: TranslationPairs) -> list[int]:
+    """Items of ``pairs`` by the length of the longer side, shortest first (ties by index): a fixed order."""
+    lengths = np.maximum(pairs.sources.lengths[pairs.indices], pairs.targets.lengths[pairs.indices])
+    return np.argsort(lengths, kind="stable").tolist()
+
+
 def _padded(rows: list[list[int]]) -> torch.Tensor:
     batch = torch.full((len(rows), max(map(len, rows))), PAD_ID, dtype=torch.long)
     for i, row in enumerate(rows):
@@ -579,13 +617,21 @@ class TranslationDataModule(StabilityDataModule):
     Options (checked before the corpus is read): ``vocab_size`` (sentencepiece pieces, >= 262),
     ``batch_size`` (sentence pairs per device and step), ``num_workers``, ``seed`` (training order),
     ``max_len`` (tokens: longer training pairs are dropped), ``bleu_sentences`` (validation BLEU on
-    that many valid pairs, evenly spaced; null: all), ``test_set`` (null: the corpus's test split;
-    a sacrebleu test set name, read offline from $SACREBLEU).
+    that many of the validated pairs, evenly spaced; null: all), ``test_set`` (null: the corpus's test
+    split; a sacrebleu test set name, read offline from $SACREBLEU), ``pairs_per_epoch`` (an epoch is
+    that many training pairs, the first of the epoch's permutation of all of them, as the LM's
+    ``blocks_per_epoch``; null: every pair once), ``val_pairs`` (validation loss on that many valid
+    pairs, evenly spaced; null: all).
     """
 
     def __init__(self, *, read_corpus: Callable[[], ParallelCorpus], vocab_size: int, batch_size: int,
-                 num_workers: int, seed: int, max_len: int, bleu_sentences: int | None, test_set: str | None):
+                 num_workers: int, seed: int, max_len: int, bleu_sentences: int | None, test_set: str | None,
+                 pairs_per_epoch: int | None = None, val_pairs: int | None = None):
         super().__init__()
+        for key, value in (("pairs_per_epoch", pairs_per_epoch), ("val_pairs", val_pairs)):
+            if value is not None and not (_whole(value) and value >= 1):
+                raise ConfigError(f"data.{key} must be a whole number >= 1 or null (all pairs); found {value!r}. "
+                                  f"Set data.{key} accordingly.")
         for key, value, smallest in (("vocab_size", vocab_size, SentencePieceTokenizer.MIN_VOCAB),
                                      ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                                      ("seed", seed, 0), ("max_len", max_len, 2), ("bleu_sentences", bleu_sentences, 1)):
@@ -609,7 +655,13 @@ class TranslationDataModule(StabilityDataModule):
                 f"that fit data.max_len={max_len} tokens (of {corpus.pairs['train']:,}). Lower data.batch_size or "
                 "raise data.max_len.")
         self.train_set = TranslationPairs(train_sources, train_targets, np.flatnonzero(fits))
-        self.val_set = TranslationPairs(*encoded["valid"])
+        if pairs_per_epoch is not None and not batch_size <= pairs_per_epoch <= len(self.train_set):
+            raise ConfigError(f"data.pairs_per_epoch must be from data.batch_size={batch_size} to the "
+                              f"{len(self.train_set):,} training pairs of {corpus.name}, or null for all of them; "
+                              f"found {pairs_per_epoch}. Set it in that range.")
+        self.pairs_per_epoch = pairs_per_epoch
+        valid_sources, valid_targets = encoded["valid"]
+        self.val_set = TranslationPairs(valid_sources, valid_targets, evenly_spaced(len(valid_sources), val_pairs))
         self.text = {"valid": (corpus.sources["valid"], corpus.targets["valid"])}  # the train text is not kept
         if named is None:
             self.test_set = TranslationPairs(*encoded["test"])
@@ -633,6 +685,7 @@ class TranslationDataModule(StabilityDataModule):
             "test_set": test_set or "the corpus's test split", "test_pairs": len(self.test_set),
             "test_set_dir": str(named[2]) if named else None,
             "bleu_sentences": len(self.bleu_indices("valid")), "max_positions": self.max_positions,
+            "pairs_per_epoch": pairs_per_epoch or len(self.train_set), "val_pairs": len(self.val_set),
         }
 
     # what the data fixes for the model and task
@@ -662,9 +715,12 @@ class TranslationDataModule(StabilityDataModule):
         return self._split_text(split)[1]
 
     def bleu_indices(self, split: str) -> list[int]:
-        """The pairs BLEU is computed on: valid, ``bleu_sentences`` evenly spaced (null: all); test, all."""
-        count = len(self._split_text(split)[0])
-        return evenly_spaced(count, self.bleu_sentences if split == "valid" else None).tolist()
+        """The pairs BLEU is computed on: valid, ``bleu_sentences`` of the validated pairs evenly spaced
+        (null: all of them); test, all."""
+        if split == "valid":
+            validated = self.val_set.indices
+            return validated[evenly_spaced(len(validated), self.bleu_sentences)].tolist()
+        return list(range(len(self._split_text(split)[0])))
 
     def decode(self, ids: Sequence[int] | np.ndarray | torch.Tensor) -> str:
         """Detokenised text of token ids (pad, bos and eos decode to nothing)."""
@@ -679,20 +735,25 @@ class TranslationDataModule(StabilityDataModule):
     def train_dataloader(self) -> ResumableDataLoader:
         trainer = self.trainer  # None outside Lightning: one process, epochs from loader.sampler.set_epoch
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = ResumableSampler(len(self.train_set), seed=self.seed, num_replicas=world_size, rank=rank)
+        pairs = self.train_set
+        lengths = np.maximum(pairs.sources.lengths[pairs.indices], pairs.targets.lengths[pairs.indices])
+        sampler = LengthGroupedSampler(lengths, batch_size=self.batch_size, seed=self.seed, num_replicas=world_size,
+                                       rank=rank, per_epoch=self.pairs_per_epoch)
         if len(sampler) < self.batch_size:
             raise ConfigError(f"Each of the {world_size} devices gets {len(sampler)} training pairs an epoch, fewer "
-                              f"than data.batch_size={self.batch_size} (a per-device batch). Lower data.batch_size.")
+                              f"than data.batch_size={self.batch_size} (a per-device batch). Lower data.batch_size"
+                              f" (or raise data.pairs_per_epoch).")
         return ResumableDataLoader(SeededView(self.train_set), sampler=sampler, drop_last=True, trainer=trainer,
                                    **self._loader_options())
 
     def val_dataloader(self) -> DataLoader:
-        """Every valid pair, in index order."""
-        return DataLoader(self.val_set, shuffle=False, **self._loader_options())
+        """The validated pairs (``val_pairs`` of the valid split, or all), shortest first (little padding;
+        a batch's ``index`` says which pairs it holds)."""
+        return DataLoader(self.val_set, sampler=_by_length(self.val_set), **self._loader_options())
 
     def test_dataloader(self) -> DataLoader:
-        """Every test pair (the corpus's test split, or ``test_set``), in index order."""
-        return DataLoader(self.test_set, shuffle=False, **self._loader_options())
+        """Every test pair (the corpus's test split, or ``test_set``), shortest first."""
+        return DataLoader(self.test_set, sampler=_by_length(self.test_set), **self._loader_options())
 
     def _loader_options(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "num_workers": self.num_workers, "collate_fn": collate_pairs,
@@ -700,7 +761,7 @@ class TranslationDataModule(StabilityDataModule):
                 "generator": torch.Generator().manual_seed(self.seed)}
 
     def probe_batch(self, n: int) -> dict[str, torch.Tensor]:
-        """``{"src", "tgt_in"}`` of ``n`` valid pairs evenly spaced over the split; always the same."""
+        """``{"src", "tgt_in"}`` of ``n`` validated pairs evenly spaced over them; always the same."""
         if not _whole(n) or not 1 <= n <= len(self.val_set):
             raise ConfigError(f"probe batch size must be between 1 and the {len(self.val_set)} validation pairs; "
                               f"found {n}. Set callbacks.diagnostics.probe_size lower.")
@@ -714,7 +775,7 @@ class GettextDataModule(TranslationDataModule):
     def __init__(self, *, locale_dir: str = GETTEXT_LOCALE_DIR, language: str = "de",
                  min_pairs: int = GETTEXT_MIN_PAIRS, vocab_size: int = GETTEXT_VOCAB, batch_size: int = 64,
                  num_workers: int = 0, seed: int = 0, max_len: int = 128, bleu_sentences: int | None = 256,
-                 test_set: str | None = None):
+                 test_set: str | None = None, pairs_per_epoch: int | None = None, val_pairs: int | None = None):
         if not isinstance(language, str) or not re.fullmatch(r"[A-Za-z]{2,3}(_[A-Za-z]{2})?(@\w+)?", language):
             raise ConfigError(f"data.language must be a locale name such as de, fr or pt_BR (a dir under "
                               f"data.locale_dir); found {language!r}.")
@@ -722,7 +783,8 @@ class GettextDataModule(TranslationDataModule):
             raise ConfigError(f"data.min_pairs must be a whole number >= 1; found {min_pairs!r}.")
         super().__init__(read_corpus=partial(gettext_corpus, locale_dir, language, min_pairs=min_pairs),
                          vocab_size=vocab_size, batch_size=batch_size, num_workers=num_workers, seed=seed,
-                         max_len=max_len, bleu_sentences=bleu_sentences, test_set=test_set)
+                         max_len=max_len, bleu_sentences=bleu_sentences, test_set=test_set,
+                         pairs_per_epoch=pairs_per_epoch, val_pairs=val_pairs)
 
 
 class WmtDataModule(TranslationDataModule):
@@ -730,7 +792,8 @@ class WmtDataModule(TranslationDataModule):
 
     def __init__(self, *, root: str, src_lang: str = "en", tgt_lang: str = "de", vocab_size: int = WMT_VOCAB,
                  batch_size: int = 64, num_workers: int = 0, seed: int = 0, max_len: int = 256,
-                 bleu_sentences: int | None = None, test_set: str | None = None):
+                 bleu_sentences: int | None = None, test_set: str | None = None, pairs_per_epoch: int | None = None,
+                 val_pairs: int | None = None):
         for key, value in (("src_lang", src_lang), ("tgt_lang", tgt_lang)):
             if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z_-]{2,10}", value):
                 raise ConfigError(f"data.{key} must be a language code, the suffix of the files (en, de, ...); "
@@ -739,7 +802,8 @@ class WmtDataModule(TranslationDataModule):
             raise ConfigError(f"data.src_lang and data.tgt_lang are both {src_lang!r}; expected two languages.")
         super().__init__(read_corpus=partial(wmt_corpus, root, src_lang, tgt_lang), vocab_size=vocab_size,
                          batch_size=batch_size, num_workers=num_workers, seed=seed, max_len=max_len,
-                         bleu_sentences=bleu_sentences, test_set=test_set)
+                         bleu_sentences=bleu_sentences, test_set=test_set, pairs_per_epoch=pairs_per_epoch,
+                         val_pairs=val_pairs)
 
 
 class SyntheticTranslationDataModule(TranslationDataModule):
@@ -748,9 +812,11 @@ class SyntheticTranslationDataModule(TranslationDataModule):
     def __init__(self, *, train_pairs: int = 2000, valid_pairs: int = 200, test_pairs: int = 200, words: int = 24,
                  min_words: int = 3, max_words: int = 12, data_seed: int = 0, vocab_size: int = SYNTHETIC_VOCAB,
                  batch_size: int = 64, num_workers: int = 0, seed: int = 0, max_len: int = 64,
-                 bleu_sentences: int | None = None, test_set: str | None = None):
+                 bleu_sentences: int | None = None, test_set: str | None = None, pairs_per_epoch: int | None = None,
+                 val_pairs: int | None = None):
         super().__init__(read_corpus=partial(synthetic_corpus, train_pairs=train_pairs, valid_pairs=valid_pairs,
                                              test_pairs=test_pairs, words=words, min_words=min_words,
                                              max_words=max_words, data_seed=data_seed),
                          vocab_size=vocab_size, batch_size=batch_size, num_workers=num_workers, seed=seed,
-                         max_len=max_len, bleu_sentences=bleu_sentences, test_set=test_set)
+                         max_len=max_len, bleu_sentences=bleu_sentences, test_set=test_set,
+                         pairs_per_epoch=pairs_per_epoch, val_pairs=val_pairs)
