@@ -184,6 +184,7 @@ def test_hard_kill_mid_epoch_resumes_exactly_with_default_max_epochs(reference, 
 
 
 @pytest.mark.slow
+@pytest.mark.soak  # 22 launches, about 2.5 minutes: `make test-soak`; CI keeps the one-kill resume tests
 @pytest.mark.parametrize("setting", ["default", "proxy_like"])
 def test_ten_random_hard_kills_resume_exactly(setting, reference, tmp_path):
     run_dir = tmp_path / "run"

@@ -20,11 +20,13 @@ if [ -z "${SMOKE:-}" ]; then
   GPU=(--device cuda --dtype bf16); TRAIN_GPU=(trainer.accelerator=gpu trainer.precision=bf16-mixed trainer.deterministic=false)
   VIT=(--model vit_base --batch-sizes 128 --repeats 10)
   LM=(--task lm --model gpt_small --seq-len 1024 --vocab-size 50257 --batch-sizes 8,16 --repeats 10)
+  MT=(--task translation --model mt_base --depth 18 --seq-len 64 --batch-sizes 64,128 --repeats 10)
   CELL=(trainer.max_steps=600)
 else
   GPU=(); TRAIN_GPU=()
   VIT=(--model vit_tiny --depth 1 --img-size 32 --batch-sizes 2 --repeats 1 --warmup 0)
   LM=(--task lm --model gpt_tiny --depth 1 --seq-len 16 --batch-sizes 2 --repeats 1 --warmup 0)
+  MT=(--task translation --model mt_tiny --depth 1 --seq-len 8 --batch-sizes 2 --repeats 1 --warmup 0 --decode-sentences 2 --decode-repeats 1)
   CELL=(trainer.max_steps=3)
 fi
 
@@ -44,6 +46,8 @@ check vit_bench 90 "${bench[@]}" "${VIT[@]}" "${GPU[@]}" --out "$OUT/reparam_vit
 check vit_bench_compiled 150 "${bench[@]}" "${VIT[@]}" "${GPU[@]}" --compile --out "$OUT/reparam_vit_base_bf16_cuda_compiled.json"
 check lm_bench 90 "${bench[@]}" "${LM[@]}" "${GPU[@]}" --out "$OUT/reparam_lm_gpt_small_bf16_cuda.json"
 check lm_bench_compiled 150 "${bench[@]}" "${LM[@]}" "${GPU[@]}" --compile --out "$OUT/reparam_lm_gpt_small_bf16_cuda_compiled.json"
+# The translation family: 18L-18L at d 512 (mt_base's width), bf16, as issue 10 asks.
+check mt_bench 150 "${bench[@]}" "${MT[@]}" "${GPU[@]}" --out "$OUT/reparam_mt_base_18L_bf16_cuda.json"
 # One proxy cell of each LM table at larger scale: the lm_architectures cell where the proxy disagrees
 # with the paper (σReparam without norm), at 600 steps, on the GPU.
 check lm_cell 120 $PY -m sigma_repro.train experiment=lm_architectures/no_warmup/sigma_no_norm scale=proxy \
