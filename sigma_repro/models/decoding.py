@@ -36,6 +36,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from sigma_repro.errors import ConfigError
 from sigma_repro.modes import eval_mode
@@ -101,7 +102,7 @@ def greedy_decode(model: nn.Module, src: Tensor, *, bos_id: int, eos_id: int, ma
     src_lengths = _check(model, src, bos_id, eos_id, max_len_a, max_len_b)
     max_lens = _max_lengths(model, src_lengths, max_len_a, max_len_b)
     hypotheses: list[list[int]] = [[] for _ in range(src.shape[0])]
-    with eval_mode(model):
+    with eval_mode(model), parametrize.cached():  # σReparam: each Ŵ computed once per call, not per step
         memory, src_padding_mask = model.encode(src)
         alive = torch.arange(src.shape[0], device=src.device)  # sentences still decoding
         last = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)
@@ -139,7 +140,7 @@ def beam_search(model: nn.Module, src: Tensor, *, bos_id: int, eos_id: int, beam
     B, K, V = src.shape[0], beam_size, model.vocab_size
     limits = max_lens.tolist()
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]  # (final score, tokens) per sentence
-    with eval_mode(model):
+    with eval_mode(model), parametrize.cached():  # σReparam: each Ŵ computed once per call, not per step
         memory, src_padding_mask = model.encode(src)
         rows = torch.arange(B, device=src.device).repeat_interleave(K)  # (B·K,): beam k of sentence i is row i·K + k
         memory = memory.index_select(0, rows)
