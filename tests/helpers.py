@@ -100,3 +100,31 @@ class ProjAttention(nn.Module):
         if key_padding_mask is not None:
             logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
         return self.out_proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(B, Tq, -1))
+
+
+def assert_loader_resumes_mid_epoch(make_loader, *, epoch: int, after: int, key) -> list:
+    """A train loader stopped after ``after`` batches of ``epoch`` and restored from its state_dict
+    into a fresh loader (``make_loader()``) yields exactly the rest of the uninterrupted epoch, batches
+    compared by ``key(batch)`` (a tensor); its position is then the end of the epoch, and the pass after
+    that is whole. Returns the uninterrupted epoch's keys."""
+
+    def at_epoch(loader):
+        loader.sampler.set_epoch(epoch)
+        return loader
+
+    uninterrupted = [key(b) for b in at_epoch(make_loader())]
+    loader = at_epoch(make_loader())
+    batches = iter(loader)
+    for _ in range(after):
+        next(batches)
+    state = loader.state_dict()
+    assert state == {"epoch": epoch, "batches_done": after}
+    resumed = make_loader()
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == state  # saved again before it moves: the same position
+    rest = [key(b) for b in at_epoch(resumed)]
+    assert len(rest) == len(uninterrupted) - after
+    assert all(torch.equal(a, b) for a, b in zip(rest, uninterrupted[after:]))
+    assert resumed.state_dict() == {"epoch": epoch, "batches_done": len(uninterrupted)}
+    assert len([key(b) for b in resumed]) == len(uninterrupted)  # the next pass is whole
+    return uninterrupted

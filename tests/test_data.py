@@ -26,6 +26,8 @@ from sigma_repro.data import CIFAR10DataModule, DigitsDataModule, FashionMNISTDa
 from sigma_repro.data.sampling import ResumableSampler
 from sigma_repro.errors import ConfigError
 
+from .helpers import assert_loader_resumes_mid_epoch
+
 
 def epoch_labels(dm, epoch: int) -> list[torch.Tensor]:
     loader = dm.train_dataloader()
@@ -119,24 +121,9 @@ def test_sampler_start_leaves_out_the_first_keys():
 
 def test_loader_state_resumes_at_the_next_batch_of_its_epoch_only():
     dm = DigitsDataModule(batch_size=100)
-    uninterrupted = epoch_labels(dm, 2)
-    loader = dm.train_dataloader()
-    loader.sampler.set_epoch(2)
-    batches = iter(loader)
-    for _ in range(5):
-        next(batches)
-    state = loader.state_dict()
-    assert state == {"epoch": 2, "batches_done": 5}
-
-    resumed = dm.train_dataloader()
-    resumed.load_state_dict(state)
-    assert resumed.state_dict() == state  # saved again before it moves: the same position
-    resumed.sampler.set_epoch(2)
-    labels = [y for _, y in resumed]
-    assert len(labels) == len(uninterrupted) - 5
-    assert all(torch.equal(a, b) for a, b in zip(labels, uninterrupted[5:]))
-    assert resumed.state_dict() == {"epoch": 2, "batches_done": len(uninterrupted)}
-    assert len([y for _, y in resumed]) == len(uninterrupted)  # the next pass is whole
+    uninterrupted = assert_loader_resumes_mid_epoch(dm.train_dataloader, epoch=2, after=5, key=lambda b: b[1])
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted, epoch_labels(dm, 2)))
+    state = {"epoch": 2, "batches_done": 5}
 
     moved_on = dm.train_dataloader()
     moved_on.load_state_dict(state)

@@ -35,6 +35,8 @@ from sigma_repro.data.parallel import (
 from sigma_repro.data.text import hash_split
 from sigma_repro.errors import ConfigError
 
+from .helpers import assert_loader_resumes_mid_epoch
+
 CONF_DATA = Path(__file__).resolve().parent.parent / "conf" / "data"
 VOCAB = 340  # sentencepiece pieces for the tiny corpora here (>= 262 + their alphabet)
 
@@ -458,18 +460,7 @@ def test_train_loader_resumes_mid_epoch_exactly(locale_dir):
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted, epoch(make(0), 2)))
     assert not torch.equal(torch.cat(uninterrupted), torch.cat(epoch(make(1), 2)))
     assert not torch.equal(torch.cat(uninterrupted), torch.cat(epoch(dm, 3)))
-    loader = dm.train_dataloader()
-    loader.sampler.set_epoch(2)
-    batches = iter(loader)
-    for _ in range(7):
-        next(batches)
-    state = loader.state_dict()
-    assert state == {"epoch": 2, "batches_done": 7}
-    resumed = make(0).train_dataloader()
-    resumed.load_state_dict(state)
-    resumed.sampler.set_epoch(2)
-    rest = [b["index"] for b in resumed]
-    assert len(rest) == len(uninterrupted) - 7 and all(torch.equal(a, b) for a, b in zip(rest, uninterrupted[7:]))
+    assert_loader_resumes_mid_epoch(lambda: make(0).train_dataloader(), epoch=2, after=7, key=lambda b: b["index"])
 
 
 def test_max_len_drops_long_training_pairs_only(tmp_path):

@@ -41,6 +41,8 @@ from sigma_repro.data.tokenizers import (
 )
 from sigma_repro.errors import ConfigError
 
+from .helpers import assert_loader_resumes_mid_epoch
+
 CONF_DATA = Path(__file__).resolve().parent.parent / "conf" / "data"
 MIXED = "def f(x):\n    return  x + 1\t# tab, two spaces\n\nclass Ä:  # é 😀 中文\n    pass\n"
 
@@ -342,20 +344,7 @@ def test_train_loader_resumes_mid_epoch_exactly(tmp_path, blocks_per_epoch):
     assert not torch.equal(torch.cat(uninterrupted), torch.cat(epoch_batches(make(1), 2)[:len(uninterrupted)]))
     assert not torch.equal(torch.cat(uninterrupted), torch.cat(epoch_batches(dm, 3)))
 
-    loader = dm.train_dataloader()
-    loader.sampler.set_epoch(2)
-    batches = iter(loader)
-    for _ in range(5):
-        next(batches)
-    state = loader.state_dict()
-    assert state == {"epoch": 2, "batches_done": 5}
-    resumed = make(0).train_dataloader()
-    resumed.load_state_dict(state)
-    resumed.sampler.set_epoch(2)
-    rest = [inputs for inputs, _ in resumed]
-    assert len(rest) == len(uninterrupted) - 5
-    assert all(torch.equal(a, b) for a, b in zip(rest, uninterrupted[5:]))
-    assert resumed.state_dict() == {"epoch": 2, "batches_done": len(uninterrupted)}
+    assert_loader_resumes_mid_epoch(lambda: make(0).train_dataloader(), epoch=2, after=5, key=lambda b: b[0])
 
 
 def test_blocks_per_epoch_is_the_head_of_each_epochs_permutation_sharded_over_ranks():
