@@ -185,3 +185,43 @@ def test_translation_wandb_offline_tags_name_the_family(tmp_path):
     assert {"task:translation", "reparam:sigma", "norm:post", "model:mt_tiny",
             "data:synthetic_translation"} <= set(record["tags"])
     assert "val/bleu" in record["summary"]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("label_smoothing", 1.0, "task.label_smoothing must be in [0, 1)"),
+    ("val_decode", "sample", "task.val_decode must be one of ['greedy', 'beam']"),
+    ("beam_size", 0, "task.beam_size must be a whole number >= 1"),
+    ("average_last", -1, "task.average_last must be a whole number >= 0"),
+    ("average_every", 2.5, "task.average_every must be a whole number >= 1"),
+    ("max_len_a", -0.5, "task.max_len_a must be >= 0"),
+])
+def test_bad_task_options_are_named_before_any_compute(option, value, message):
+    from sigma_repro.errors import ConfigError
+    from sigma_repro.tasks.translation import TranslationTask
+
+    options = dict(pad_id=0, bos_id=2, eos_id=3, optim={"_target_": "torch.optim.Adam", "lr": 1e-3},
+                   schedule={"warmup_steps": 0}, **{option: value})
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        TranslationTask(torch.nn.Linear(2, 2), **options)
+
+
+def test_translate_refuses_what_is_not_a_trained_translation_run(tmp_path):
+    def translate(*args):
+        return subprocess.run([sys.executable, "-m", "sigma_repro.cli", "translate", *map(str, args)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+    text = tmp_path / "in.txt"
+    text.write_text("hello world\n", encoding="utf-8")
+    missing = translate(tmp_path / "nowhere", "--input", text)
+    assert missing.returncode == 2 and "summary.json not found" in missing.stderr
+    lm_run = tmp_path / "lm"
+    lm_run.mkdir()
+    (lm_run / "summary.json").write_text(json.dumps(
+        {"config": {"task": {"_target_": "sigma_repro.tasks.lm.LanguageModelTask"}}}))
+    other = translate(lm_run, "--input", text)
+    assert other.returncode == 2 and "not of task=translation" in other.stderr
+    no_input = translate(lm_run, "--input", tmp_path / "absent.txt")
+    assert no_input.returncode == 2 and "--input" in no_input.stderr and "not found" in no_input.stderr
+    bad_beam = translate(lm_run, "--input", text, "--beam", "0")
+    assert bad_beam.returncode == 2 and "--beam and --batch-size must be >= 1" in bad_beam.stderr
