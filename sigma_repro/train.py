@@ -245,9 +245,13 @@ def entropy_summary(trainer) -> dict[str, Any]:
     probe = next((c for c in trainer.callbacks if isinstance(c, AttentionDiagnostics)), None)
     if probe is None or not probe.history["steps"]:
         return {}
-    per_layer = np.nanmean(np.asarray(probe.history["attention_entropy"], dtype=float), axis=-1)  # (steps, layers)
+    with warnings.catch_warnings():  # an all-NaN probe (the weights of a diverged run) stays NaN, silently
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_layer = np.nanmean(np.asarray(probe.history["attention_entropy"], dtype=float), axis=-1)  # (steps, layers)
+        # the minimum over the probes that were finite: a diverged run keeps its entropy before the blow-up
+        lowest = np.nanmin(per_layer, axis=0)
     return {"attention_entropy": {"layers": list(probe.history["layers"]),
-                                  "final": per_layer[-1].round(5).tolist(), "min": per_layer.min(0).round(5).tolist()}}
+                                  "final": per_layer[-1].round(5).tolist(), "min": lowest.round(5).tolist()}}
 
 
 def _now() -> str:

@@ -203,3 +203,19 @@ def test_run_whose_weights_blow_up_is_not_failed_by_its_diagnostics(tmp_path):
           "callbacks.diagnostics.every_n_steps=1")
     summary = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
     assert summary["status"] in ("diverged", "finished") and "error" not in summary
+
+
+def test_entropy_summary_keeps_the_minimum_before_a_blow_up():
+    from types import SimpleNamespace
+
+    from sigma_repro.diagnostics.callbacks import AttentionDiagnostics
+    from sigma_repro.train import entropy_summary
+
+    probe = AttentionDiagnostics.__new__(AttentionDiagnostics)
+    nan = float("nan")
+    # 3 probes x 2 layers x 2 heads; the last probe saw the weights of a diverged run
+    probe.history = {"steps": [0, 10, 20], "layers": ["a", "b"],
+                     "attention_entropy": [[[2.0, 3.0], [1.0, 1.0]], [[0.5, 1.5], [nan, 2.0]], [[nan, nan], [nan, nan]]]}
+    summary = entropy_summary(SimpleNamespace(callbacks=[probe]))["attention_entropy"]
+    assert summary["min"] == [1.0, 1.0]  # means over heads (NaN heads left out): a 2.5, 1.0, NaN; b 1.0, 2.0, NaN
+    assert all(x != x for x in summary["final"])  # the final probe is reported as it was: NaN
