@@ -27,6 +27,7 @@ kept in checkpoints with the flag that says so, so a resumed run does not profil
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from sigma_repro.data.tokenizers import write_atomically
 from sigma_repro.errors import ConfigError
 from sigma_repro.tasks.base import StabilityTask
 
@@ -193,12 +195,10 @@ class TranslationTask(StabilityTask):
         ``average_last`` newest. An exact resume writes the same bytes again for steps it repeats."""
         if not self.trainer.is_global_zero:
             return
-        directory = self._snapshot_dir()
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"step={self.global_step:08d}.pt"
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, tmp)
-        tmp.replace(path)  # a kill mid-write leaves no half snapshot under a snapshot's name
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, buffer)
+        # a kill mid-write leaves no half snapshot under a snapshot's name
+        write_atomically(self._snapshot_dir() / f"step={self.global_step:08d}.pt", buffer.getvalue())
         for old in self._snapshots()[: -self.hparams.average_last]:
             old.unlink(missing_ok=True)
 
@@ -237,12 +237,10 @@ class TranslationTask(StabilityTask):
         references, sources = datamodule.references("test"), datamodule.sources("test")
         order = sorted(hypotheses)
         scores = corpus_scores([hypotheses[i] for i in order], [references[i] for i in order])
-        if self.trainer is None or self.trainer.is_global_zero:
+        if self.trainer.is_global_zero:
             lines = ["source\treference\thypothesis"] + [
                 "\t".join(_tsv_field(t) for t in (sources[i], references[i], hypotheses[i])) for i in order]
-            tmp = out / "translations.test.tsv.tmp"
-            tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-            tmp.replace(out / "translations.test.tsv")
+            write_atomically(out / "translations.test.tsv", ("\n".join(lines) + "\n").encode("utf-8"))
         hp = self.hparams
         return {
             "metrics": {"test/bleu": scores["bleu"], "test/chrf": scores["chrf"]},
