@@ -12,7 +12,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,slurm,tensorboard]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,slurm,tensorboard,speech]"
 	touch $@
 
 install: $(STAMP)
