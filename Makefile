@@ -21,7 +21,7 @@ demo: install  ## plain vs sigmaReparam ViT on digits: table + entropy plot (~4 
 	$(BIN)/sigma-repro demo
 
 test: install  ## the test suite (what CI runs): everything but the many-launch fault soaks
-	$(BIN)/python -m pytest -q -m "not soak"
+	$(BIN)/python -m pytest -q -m "not soak" --durations=25
 
 test-soak: install  ## the fault soaks CI leaves out to stay under 20 minutes (10 random SIGKILLs per setting, ...)
 	$(BIN)/python -m pytest -q -m soak
