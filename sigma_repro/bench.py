@@ -16,7 +16,12 @@ random sentence pairs (default mt_tiny, vocabulary 6,000 and 64 pairs as data=ge
 target 32 tokens), reporting target tokens/s, and then decoding speed of both models (sentences/s,
 greedy and beam search with conf/task/translation.yaml's beam, length penalty and length limit, on
 ``--decode-sentences`` random sources; eos is kept out of the untrained models' choices until the
-length limit forces it, so every hypothesis has the same length and both models the same workload).
+length limit forces it, so every hypothesis has the same length and both models the same workload);
+`--task asr`: a speech model from conf/model/{conformer,speech_transformer}*.yaml (default
+conformer_tiny) on random 80-bin log-mel batches of ``--seq-len`` frames (10 ms each; lengths spread
+over the last 10% as in a length-bucketed batch) with a CTC loss on random character labels
+(vocabulary 29), reporting frames/s, and then feature-extraction throughput in hours of audio per
+minute (see ``_time_asr_features``).
 Wall time is synchronised with the GPU; on a shared CPU it is noisy, so process time is recorded
 too. The goal this was written for (2 CPU cores, a realistic batch: ViT-S/16 at 224 batch >= 16,
 the LM at batch 32 x 128 tokens: <= 1.05x) is reported, not asserted.
@@ -37,6 +42,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -80,6 +86,8 @@ def machine_info(device: torch.device) -> dict:
         "git_sha": provenance.git_sha(),
         # the command as typed, without the machine's path to the program (`python -m sigma_repro.cli`, a venv)
         "command": shlex.join(["sigma-repro", *sys.argv[1:]]),
+        # runnable processes averaged over 1, 5, 15 minutes: above the usable cores, others shared the machine
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -112,21 +120,30 @@ def _mt_models() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "model").glob("mt_*.yaml"))
 
 
+def _asr_models() -> list[str]:
+    return sorted(p.stem for pattern in ("conformer*.yaml", "speech_transformer*.yaml")
+                  for p in (CONF_DIR / "model").glob(pattern))
+
+
 def _add_reparam_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=list(REPARAM_SUBJECTS), default="vit",
                         help="vit: a timm ViT on images; lm: a GPT (conf/model/gpt_*.yaml) on tokens; translation: "
-                             "an encoder-decoder (conf/model/mt_*.yaml) on sentence pairs, and its decoding speed")
-    parser.add_argument("--model", choices=[*VIT_SIZES, *_lm_models(), *_mt_models()], default=None,
-                        help="vit: timm ViT size, patch 16 (default vit_small); lm, translation: model config "
-                             "(default gpt_tiny, mt_tiny)")
+                             "an encoder-decoder (conf/model/mt_*.yaml) on sentence pairs, and its decoding speed; "
+                             "asr: a speech model (conf/model/conformer*.yaml, speech_transformer*.yaml) on log-mel "
+                             "features with a CTC loss, and feature-extraction throughput")
+    parser.add_argument("--model", choices=[*VIT_SIZES, *_lm_models(), *_mt_models(), *_asr_models()], default=None,
+                        help="vit: timm ViT size, patch 16 (default vit_small); lm, translation, asr: model config "
+                             "(default gpt_tiny, mt_tiny, conformer_tiny)")
     parser.add_argument("--depth", type=int, default=None,
                         help="number of blocks (translation: layers of each stack; default: the size's)")
     parser.add_argument("--img-size", type=int, default=None, help="vit only (default 224)")
     parser.add_argument("--seq-len", type=int, default=None,
-                        help="lm: tokens per sequence (default 128); translation: source and target tokens (default 32)")
-    parser.add_argument("--vocab-size", type=int, default=None, help="lm (default 256, bytes), translation (default 6000)")
+                        help="lm: tokens per sequence (default 128); translation: source and target tokens (default "
+                             "32); asr: feature frames of the longest utterance, 10 ms each (default 400)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="lm (default 256, bytes), translation (default 6000), asr (default 29: blank + 28 characters)")
     parser.add_argument("--batch-sizes", type=_positive_ints, default=None,
-                        help="e.g. 1,4,16 (default: vit 1,4,16; lm 8,32; translation 16,64)")
+                        help="e.g. 1,4,16 (default: vit 1,4,16; lm 8,32; translation 16,64; asr 8,32)")
     parser.add_argument("--decode-sentences", type=int, default=None,
                         help="translation only: source sentences decoded at once (default 64)")
     parser.add_argument("--decode-repeats", type=int, default=None,
@@ -144,13 +161,15 @@ def _add_reparam_arguments(parser: argparse.ArgumentParser) -> None:
 
 class BenchSubject(NamedTuple):
     """What `bench reparam` trains for one --task: the plain model, ``batch(n) -> (inputs, targets)``
-    on the device (``model(*inputs)`` gives the logits), the header's description, and (unit, units per example) for a throughput
-    column, or None."""
+    on the device (``model(*inputs)`` gives the model's output), the header's description, (unit, units per
+    example) for a throughput column, or None, and ``loss(output, targets)``, the training loss (None:
+    ``_cross_entropy``)."""
 
     model: nn.Module
-    batch: Callable[[int], tuple[tuple[torch.Tensor, ...], torch.Tensor]]  # n -> (model inputs, targets)
+    batch: Callable[[int], tuple[tuple[torch.Tensor, ...], object]]  # n -> (model inputs, targets)
     title: str
     units: tuple[str, int] | None
+    loss: Callable[[object, object], torch.Tensor] | None = None
 
 
 def _resolve(args: argparse.Namespace, task: str, defaults: dict, foreign: tuple[str, ...]) -> None:
@@ -253,19 +272,74 @@ def _mt_subject(args: argparse.Namespace, device: torch.device) -> BenchSubject:
     return BenchSubject(plain, batch, title, ("tokens", args.seq_len))
 
 
-REPARAM_SUBJECTS = {"vit": _vit_subject, "lm": _lm_subject, "translation": _mt_subject}
+ASR_INPUT_DIM, ASR_FRAMES_PER_SECOND, ASR_SAMPLE_RATE = 80, 100, 16_000  # log-mel bins, 10 ms hop, 16 kHz audio
+ASR_CHARACTERS_PER_SECOND = 15  # labels per second of audio (read speech runs at about 15 characters a second)
 
 
-def _train_step(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor,
-                dtype: str) -> Callable[[], None]:
-    """One AdamW training step on cross-entropy: logits (..., C) of ``model(*inputs)`` against targets
-    (...), so image labels (B,), next tokens (B, T) and target tokens (B, T) alike."""
+def _ctc_loss(output: tuple[torch.Tensor, torch.Tensor], targets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The asr task's loss (``sigma_repro.tasks.asr.ctc_loss_per_char``, blank 0) of the model's
+    ``(logits (B, T', V), out_lengths (B,))`` against ``(labels (B, S), label_lengths (B,))``."""
+    from sigma_repro.tasks.asr import ctc_loss_per_char  # imports Lightning: only for --task asr
+
+    (logits, out_lengths), (labels, label_lengths) = output, targets
+    return ctc_loss_per_char(logits, out_lengths, labels, label_lengths, blank_id=0)[0]
+
+
+def _asr_subject(args: argparse.Namespace, device: torch.device) -> BenchSubject:
+    """A speech model from conf/model/<model>.yaml, as the app builds it (input_dim 80, vocab_size from
+    --vocab-size), on random log-mel batches: the longest utterance ``seq_len`` frames, the others spread
+    evenly down to 90% of it (a length-bucketed batch, so the padding masks are timed too), zero-padded;
+    random character labels 1..V-1, 15 per second of audio. frames/s counts the padded batch (n x seq_len)."""
+    import hydra.utils
+    from omegaconf import OmegaConf
+
+    _resolve(args, "asr", {"model": "conformer_tiny", "seq_len": 400, "vocab_size": 29, "batch_sizes": [8, 32]},
+             ("img_size", *DECODE_OPTIONS))
+    if args.model not in _asr_models():
+        raise ConfigError(f"--task asr takes a speech model config {_asr_models()}, got --model {args.model}")
+    if args.seq_len < 10 or args.vocab_size < 2:
+        raise ConfigError(f"--task asr needs --seq-len >= 10 frames and --vocab-size >= 2 (blank + a character), "
+                          f"got {args.seq_len} and {args.vocab_size}")
+    cfg = OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml")
+    if args.depth:
+        cfg.depth = args.depth
+    torch.manual_seed(0)
+    plain = hydra.utils.instantiate(cfg, input_dim=ASR_INPUT_DIM, vocab_size=args.vocab_size)
+
+    def batch(n: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, torch.Tensor]]:
+        lengths = torch.linspace(args.seq_len, 0.9 * args.seq_len, n).long()  # (n,), the longest first
+        features = torch.randn(n, args.seq_len, ASR_INPUT_DIM)  # (n, T, 80), zero past each length
+        features = features.masked_fill(torch.arange(args.seq_len)[None, :, None] >= lengths[:, None, None], 0.0)
+        label_lengths = (lengths * ASR_CHARACTERS_PER_SECOND).div(ASR_FRAMES_PER_SECOND, rounding_mode="floor")
+        labels = torch.randint(1, args.vocab_size, (n, int(label_lengths.max())))  # (n, S), no blank
+        return (features.to(device), lengths.to(device)), (labels.to(device), label_lengths.to(device))
+
+    params = sum(p.numel() for p in plain.parameters())
+    title = (f"{args.model} (depth {cfg.depth}, dim {cfg.dim}, {params / 1e6:.2f}M parameters), utterances of "
+             f"{0.9 * args.seq_len / ASR_FRAMES_PER_SECOND:g}-{args.seq_len / ASR_FRAMES_PER_SECOND:g} s "
+             f"({ASR_INPUT_DIM} log-mel bins), vocab {args.vocab_size}, CTC loss")
+    return BenchSubject(plain, batch, title, ("frames", args.seq_len), _ctc_loss)
+
+
+REPARAM_SUBJECTS = {"vit": _vit_subject, "lm": _lm_subject, "translation": _mt_subject, "asr": _asr_subject}
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Logits (..., C) against class ids (...): image labels (B,), next tokens (B, T), target tokens (B, T)."""
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
+
+
+def _train_step(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], targets: object, dtype: str,
+                loss_fn: Callable[[object, object], torch.Tensor] | None = None) -> Callable[[], None]:
+    """One AdamW training step on ``loss_fn(model(*inputs), targets)`` (default ``_cross_entropy``)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = loss_fn or _cross_entropy
+    device_type = inputs[0].device.type
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(targets.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss = F.cross_entropy(model(*inputs).flatten(0, -2), targets.flatten())
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = loss_fn(model(*inputs), targets)
         loss.backward()
         optimizer.step()
 
@@ -304,7 +378,7 @@ def _run_reparam(args: argparse.Namespace) -> int:
     _print_reparam_header(record, subject)
     for batch_size in args.batch_sizes:
         inputs, targets = subject.batch(batch_size)
-        steps = {name: _train_step(model, inputs, targets, args.dtype) for name, model in models.items()}
+        steps = {name: _train_step(model, inputs, targets, args.dtype, subject.loss) for name, model in models.items()}
         samples = {name: {"wall_s": [], "process_s": []} for name in models}
         for repeat in range(args.warmup + args.repeats):
             for name, step in steps.items():  # interleaved: both models see the same load
@@ -326,6 +400,9 @@ def _run_reparam(args: argparse.Namespace) -> int:
     if args.task == "translation":
         record["decoding"] = _time_decoding(args, subject, {"plain": plain, "reparam": reparam}, device)
         _print_decoding(record["decoding"])
+    if args.task == "asr":
+        record["features"] = _time_asr_features(args)
+        _print_asr_features(record["features"])
     _write_record(record, args.out)
     return 0
 
@@ -384,6 +461,49 @@ def _time_decoding(args: argparse.Namespace, subject: BenchSubject, models: dict
         "ratio": {method: statistics.median(samples["reparam"][method]) / statistics.median(samples["plain"][method])
                   for method in methods},
     }
+
+
+def _time_asr_features(args: argparse.Namespace) -> dict:
+    """Feature-extraction throughput on the CPU: hours of audio made into model features per minute.
+
+    The recipe of the asr family's features, written out with torchaudio: MelSpectrogram at 16 kHz
+    (25 ms window, n_fft 400, 10 ms hop, 80 mel bins), log(x + 1e-6), per-utterance mean/variance
+    normalisation, one utterance at a time as a data loader prepares them. The data module's own
+    feature function (sigma_repro.data.speech) was not committed when this was written: this times the
+    recipe, not that function. Audio: max(--batch-sizes) random utterances of --seq-len / 100 seconds;
+    median of --repeats passes after one untimed pass (with --warmup > 0), at --threads.
+    """
+    import torchaudio
+
+    mel = torchaudio.transforms.MelSpectrogram(sample_rate=ASR_SAMPLE_RATE, n_fft=400, win_length=400,
+                                               hop_length=ASR_SAMPLE_RATE // ASR_FRAMES_PER_SECOND,
+                                               n_mels=ASR_INPUT_DIM)
+    seconds = args.seq_len / ASR_FRAMES_PER_SECOND
+    utterances = max(args.batch_sizes)
+    generator = torch.Generator().manual_seed(0)
+    audio = [0.1 * torch.randn(int(seconds * ASR_SAMPLE_RATE), generator=generator) for _ in range(utterances)]
+
+    def extract() -> None:
+        for wave in audio:
+            features = torch.log(mel(wave) + 1e-6).T  # (frames, 80)
+            (features - features.mean(0)) / (features.std(0) + 1e-5)
+
+    samples = []
+    for repeat in range(min(args.warmup, 1) + args.repeats):
+        wall, _ = time_call(extract, torch.device("cpu"))
+        if repeat >= min(args.warmup, 1):
+            samples.append(wall)
+    wall = statistics.median(samples)
+    return {"recipe": "torchaudio MelSpectrogram (16 kHz, n_fft 400, hop 160, 80 mels), log, utterance CMVN",
+            "utterances": utterances, "seconds_per_utterance": seconds, "wall_s": wall, "samples": samples,
+            "audio_hours_per_minute": utterances * seconds / 3600 / (wall / 60),
+            "realtime_factor": utterances * seconds / wall}
+
+
+def _print_asr_features(f: dict) -> None:
+    print(f"feature extraction ({f['recipe']}), {f['utterances']} utterances of {f['seconds_per_utterance']:g} s: "
+          f"median {f['wall_s']:.3f} s, {f['audio_hours_per_minute']:.2f} hours of audio per minute "
+          f"({f['realtime_factor']:.0f}x real time)", flush=True)
 
 
 def _print_decoding(d: dict) -> None:
@@ -560,8 +680,9 @@ def _print_diagnostics(record: dict) -> None:
 
 
 BENCHMARKS = {
-    "reparam": Benchmark("training-step time of a timm ViT (--task vit), a GPT (--task lm) or an encoder-decoder "
-                         "(--task translation, and its decoding speed) with and without σReparam",
+    "reparam": Benchmark("training-step time of a timm ViT (--task vit), a GPT (--task lm), an encoder-decoder "
+                         "(--task translation, and its decoding speed) or a speech model (--task asr, and feature "
+                         "extraction throughput) with and without σReparam",
                          _add_reparam_arguments, _run_reparam),
     "diagnostics": Benchmark("overhead of the AttentionDiagnostics callback on the digits ViT",
                              _add_diagnostics_arguments, _run_diagnostics),
