@@ -21,7 +21,7 @@ length limit forces it, so every hypothesis has the same length and both models 
 conformer_tiny) on random 80-bin log-mel batches of ``--seq-len`` frames (10 ms each; lengths spread
 over the last 10% as in a length-bucketed batch) with a CTC loss on random character labels
 (vocabulary 29), reporting frames/s, and then feature-extraction throughput in hours of audio per
-minute (see ``_time_asr_features``).
+minute of the data's own feature functions (see ``_time_asr_features``).
 Wall time is synchronised with the GPU; on a shared CPU it is noisy, so process time is recorded
 too. The goal this was written for (2 CPU cores, a realistic batch: ViT-S/16 at 224 batch >= 16,
 the LM at batch 32 x 128 tokens: <= 1.05x) is reported, not asserted.
@@ -272,7 +272,7 @@ def _mt_subject(args: argparse.Namespace, device: torch.device) -> BenchSubject:
     return BenchSubject(plain, batch, title, ("tokens", args.seq_len))
 
 
-ASR_INPUT_DIM, ASR_FRAMES_PER_SECOND, ASR_SAMPLE_RATE = 80, 100, 16_000  # log-mel bins, 10 ms hop, 16 kHz audio
+ASR_INPUT_DIM, ASR_FRAMES_PER_SECOND = 80, 100  # log-mel bins, frames a second (10 ms hop)
 ASR_CHARACTERS_PER_SECOND = 15  # labels per second of audio (read speech runs at about 15 characters a second)
 
 
@@ -466,27 +466,23 @@ def _time_decoding(args: argparse.Namespace, subject: BenchSubject, models: dict
 def _time_asr_features(args: argparse.Namespace) -> dict:
     """Feature-extraction throughput on the CPU: hours of audio made into model features per minute.
 
-    The recipe of the asr family's features, written out with torchaudio: MelSpectrogram at 16 kHz
-    (25 ms window, n_fft 400, 10 ms hop, 80 mel bins), log(x + 1e-6), per-utterance mean/variance
-    normalisation, one utterance at a time as a data loader prepares them. The data module's own
-    feature function (sigma_repro.data.speech) was not committed when this was written: this times the
-    recipe, not that function. Audio: max(--batch-sizes) random utterances of --seq-len / 100 seconds;
-    median of --repeats passes after one untimed pass (with --warmup > 0), at --threads.
+    The asr data's own feature functions (``sigma_repro.data.speech``): ``LogMel`` (torchaudio's
+    MelSpectrogram at 16 kHz, 25 ms window, 10 ms hop, 80 mel bins, then log) and ``utterance_cmvn``,
+    one utterance at a time as the data module prepares them. Audio: max(--batch-sizes) random
+    utterances of --seq-len / 100 seconds; median of --repeats passes after one untimed pass (with
+    --warmup > 0), at --threads.
     """
-    import torchaudio
+    from sigma_repro.data.speech import SAMPLE_RATE, LogMel, utterance_cmvn
 
-    mel = torchaudio.transforms.MelSpectrogram(sample_rate=ASR_SAMPLE_RATE, n_fft=400, win_length=400,
-                                               hop_length=ASR_SAMPLE_RATE // ASR_FRAMES_PER_SECOND,
-                                               n_mels=ASR_INPUT_DIM)
+    log_mel = LogMel(n_mels=ASR_INPUT_DIM)
     seconds = args.seq_len / ASR_FRAMES_PER_SECOND
     utterances = max(args.batch_sizes)
     generator = torch.Generator().manual_seed(0)
-    audio = [0.1 * torch.randn(int(seconds * ASR_SAMPLE_RATE), generator=generator) for _ in range(utterances)]
+    audio = [0.1 * torch.randn(int(seconds * SAMPLE_RATE), generator=generator) for _ in range(utterances)]
 
     def extract() -> None:
         for wave in audio:
-            features = torch.log(mel(wave) + 1e-6).T  # (frames, 80)
-            (features - features.mean(0)) / (features.std(0) + 1e-5)
+            utterance_cmvn(log_mel(wave))  # (frames, 80)
 
     samples = []
     for repeat in range(min(args.warmup, 1) + args.repeats):
@@ -494,7 +490,8 @@ def _time_asr_features(args: argparse.Namespace) -> dict:
         if repeat >= min(args.warmup, 1):
             samples.append(wall)
     wall = statistics.median(samples)
-    return {"recipe": "torchaudio MelSpectrogram (16 kHz, n_fft 400, hop 160, 80 mels), log, utterance CMVN",
+    return {"recipe": "sigma_repro.data.speech: utterance_cmvn(LogMel(n_mels=80)(waveform)), 16 kHz, one utterance "
+                      "at a time",
             "utterances": utterances, "seconds_per_utterance": seconds, "wall_s": wall, "samples": samples,
             "audio_hours_per_minute": utterances * seconds / 3600 / (wall / 60),
             "realtime_factor": utterances * seconds / wall}

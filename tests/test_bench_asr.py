@@ -1,5 +1,5 @@
 """`sigma-repro bench reparam --task asr` on one-layer speech models: the record's structure and arithmetic
-(step ratios, frames/s, feature-extraction hours per minute), the model it times (the conf/model config,
+(step ratios, frames/s, feature-extraction hours per minute with the data's own feature functions), the model it times (the conf/model config,
 σReparam on exactly one of the two), the batches (lengths bucketed within 10%, zero padding, labels a
 CTC path fits), the CTC loss against a hand computation, and bad options."""
 
@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from sigma_repro import bench
+from sigma_repro.data import speech as speech_data
+from sigma_repro.data.speech import utterance_cmvn
 from sigma_repro.errors import ConfigError
 from sigma_repro.models.speech import ConformerCTC, SpeechTransformer
 from sigma_repro.reparam import apply_sigma_reparam, iter_sigma_reparam
@@ -36,8 +38,15 @@ def test_asr_bench_writes_step_ratios_frames_per_second_and_feature_throughput(
         subject = real_subject(args, device)
         return subject._replace(batch=lambda n: batches.append(subject.batch(n)) or batches[-1])
 
+    extracted = []  # (frames, 80) features of each timed utterance, made by the data's own functions
+
+    def recording_cmvn(features):
+        extracted.append(features.shape)
+        return utterance_cmvn(features)
+
     monkeypatch.setattr(bench, "apply_sigma_reparam", recording_apply)
     monkeypatch.setitem(bench.REPARAM_SUBJECTS, "asr", recording_subject)
+    monkeypatch.setattr(speech_data, "utterance_cmvn", recording_cmvn)
     out = tmp_path / "bench" / "reparam_asr.json"
     args = parse("reparam", "--task", "asr", "--model", model, "--depth", "1", "--seq-len", "40", "--batch-sizes",
                  "2,3", "--repeats", "2", "--warmup", "1", "--threads", "1", "--out", str(out))
@@ -69,6 +78,7 @@ def test_asr_bench_writes_step_ratios_frames_per_second_and_feature_throughput(
     assert (f["utterances"], f["seconds_per_utterance"], len(f["samples"])) == (3, 0.4, 2)
     assert f["audio_hours_per_minute"] == pytest.approx(3 * 0.4 / 3600 / (f["wall_s"] / 60))
     assert f["realtime_factor"] == pytest.approx(f["audio_hours_per_minute"] * 60)
+    assert extracted == [(41, 80)] * 3 * (1 + 2)  # 0.4 s at 16 kHz: 1 + 6400 // 160 frames; untimed pass + 2 timed
     printed = capsys.readouterr().out
     assert "plain frames/s" in printed and "hours of audio per minute" in printed and f"wrote {out}" in printed
 
