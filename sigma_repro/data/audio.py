@@ -19,7 +19,9 @@ speaking rate. Train, dev and test use disjoint variants on every base voice (``
 dev and test are held-out voices; rates ``RATES`` words per minute.
 
 Audio: espeak-ng (``espeak_Synth``, synchronous, through ctypes) from the ``espeakng-loader`` wheel
-(libespeak-ng and its data, no root needed), else the system's libespeak-ng; 22,050 Hz int16,
+(libespeak-ng and its data, no root needed), else the system's libespeak-ng, said in forked child
+processes, each a fresh library saying 32 consecutive utterances of a split (espeak-ng carries state
+from one utterance to the next, see ``Espeak``), two at a time; 22,050 Hz int16,
 resampled to 16 kHz with ``torchaudio.functional.resample`` (float64, then rounded to int16) and written
 as 16-bit mono FLAC with soundfile. Utterance i of a split says sentence ``i mod n`` of the split with
 speaker ``sha256("<split> <i>") mod speakers``; a split ends with the first utterance that brings its
@@ -37,6 +39,8 @@ import ast
 import ctypes
 import ctypes.util
 import functools
+import itertools
+import multiprocessing
 import hashlib
 import io
 import json
@@ -45,8 +49,9 @@ import re
 import shutil
 import sys
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -171,9 +176,15 @@ def espeak_location() -> tuple[str, str, str]:
 
 
 class Espeak:
-    """libespeak-ng through ctypes, initialised once per process (it is a process-wide singleton)."""
+    """libespeak-ng through ctypes: where it is, its version, and (``speak``, in a child process) speech.
 
-    _instance: Espeak | None = None
+    espeak-ng keeps state from one utterance to the next that its API cannot reset (the pitch flutter's
+    phase and other wave-generator globals; ``espeak_Terminate`` + ``espeak_Initialize`` keep them), so
+    what an utterance sounds like depends on everything the process said before. The library is only
+    ever asked to speak in fresh child processes (``spoken_chunks``), each saying one fixed chunk of a
+    split's utterances: an utterance's audio is then a function of its chunk alone. The process that
+    builds the corpus loads the library only to read its version.
+    """
 
     def __init__(self):
         self.library_path, self.data_path, self.origin = espeak_location()
@@ -183,23 +194,20 @@ class Espeak:
             raise ConfigError(f"Cannot load libespeak-ng from {self.library_path}: {error}. "
                               f"{ESPEAK_INSTALL}") from error
         self.lib.espeak_Info.restype = ctypes.c_char_p
+        self.version = self.lib.espeak_Info(None).decode()  # needs no espeak_Initialize
+        self.seedable = hasattr(self.lib, "espeak_ng_SetRandSeed")
+        self.sample_rate = 0  # known once initialised, in the child that speaks
+        self._chunks: list[np.ndarray] = []
+
+    def _initialise(self) -> None:
         self.sample_rate = self.lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, self.data_path.encode(), 0)
         if self.sample_rate <= 0:
             raise ConfigError(f"espeak-ng did not start with its data at {self.data_path} (espeak_Initialize returned "
                               f"{self.sample_rate}). {ESPEAK_INSTALL}")
-        self.version = self.lib.espeak_Info(None).decode()
-        self.seedable = hasattr(self.lib, "espeak_ng_SetRandSeed")
         if self.seedable:
             self.lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
-        self._chunks: list[np.ndarray] = []
         self._callback = _SYNTH_CALLBACK(self._collect)  # kept referenced: espeak calls it during espeak_Synth
         self.lib.espeak_SetSynthCallback(self._callback)
-
-    @classmethod
-    def get(cls) -> Espeak:
-        if cls._instance is None:
-            cls._instance = cls()
-        return cls._instance
 
     def _collect(self, wav, count, events) -> int:
         if count > 0:
@@ -209,11 +217,11 @@ class Espeak:
     def speak(self, text: str, voice: str, rate: int, *, seed: int) -> np.ndarray:
         """int16 samples at ``self.sample_rate`` (22,050 Hz) of ``text`` said by ``voice`` at ``rate`` wpm.
 
-        Voices with breath noise (f2, f3, f5...) draw from espeak-ng's random generator, which it seeds
-        from the clock; it is seeded with ``seed`` here (``espeak_ng_SetRandSeed``, espeak-ng 1.52+; an
-        older library's noise differs from build to build, ``self.seedable`` False). The output also
-        depends on what the process said before (espeak keeps filter state), so a corpus is the same
-        only when built in the same order, which ``build_espeak_corpus`` keeps."""
+        Voices with breath noise (f2, f3, f5) draw from espeak-ng's random generator, which it seeds
+        from the clock; it is seeded with ``seed`` here (``espeak_ng_SetRandSeed``, espeak-ng 1.52+; with
+        an older library their noise differs from build to build: ``seedable`` False, in the manifest)."""
+        if not self.sample_rate:
+            self._initialise()
         if self.seedable:
             self.lib.espeak_ng_SetRandSeed(seed)
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
@@ -237,6 +245,57 @@ class Espeak:
             digest.update(f"{name}\0".encode() + (hashlib.sha256((data / name).read_bytes()).digest()
                                                    if (data / name).is_file() else b"missing"))
         return digest.hexdigest()
+
+
+Line = tuple[str, str, int, int]  # (text, voice, rate, noise seed)
+CHUNK_UTTERANCES = 32  # utterances a child process says (a fork costs about 0.1 s)
+
+
+def _speak_chunk(connection, lines: list[Line]) -> None:
+    """In a fresh child process: say ``lines`` with a library that has said nothing before; send back
+    ``(sample rate, [int16 arrays])`` or the exception."""
+    try:
+        espeak = Espeak()
+        spoken = [espeak.speak(text, voice, rate, seed=seed) for text, voice, rate, seed in lines]
+        connection.send((espeak.sample_rate, spoken))
+    except BaseException as error:  # sent to the parent, which raises it
+        connection.send(error)
+    finally:
+        connection.close()
+
+
+def spoken_chunks(chunks: Iterator[list[Line]], workers: int) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """``(sample rate, audio)`` of each chunk of lines in order, each said in a fresh forked child, up to
+    ``workers`` at a time. The children use ctypes and numpy only (never torch, which is not safe to
+    use after a fork); the ones still running when the caller stops are killed."""
+    context = multiprocessing.get_context("fork")
+    running: deque = deque()
+    try:
+        for chunk in chunks:
+            receive, send = context.Pipe(duplex=False)
+            process = context.Process(target=_speak_chunk, args=(send, chunk), daemon=True)
+            process.start()
+            send.close()
+            running.append((process, receive))
+            while len(running) >= workers:
+                yield _receive(*running.popleft())
+        while running:
+            yield _receive(*running.popleft())
+    finally:
+        for process, _ in running:
+            process.kill()
+            process.join()
+
+
+def _receive(process, receive) -> tuple[int, list[np.ndarray]]:
+    try:
+        result = receive.recv()
+    except EOFError:
+        result = RuntimeError(f"the espeak-ng child process died (exit code {process.join() or process.exitcode})")
+    process.join()
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 @functools.lru_cache(maxsize=2)
@@ -274,11 +333,31 @@ def speaker_ids() -> dict[tuple[str, int], int]:
     return {speaker: number for number, speaker in enumerate(every, start=1)}
 
 
+@dataclass(frozen=True)
+class PlannedUtterance:
+    sentence: Sentence
+    voice: str
+    rate: int
+    seed: int
+
+    @property
+    def line(self) -> Line:
+        return self.sentence.text, self.voice, self.rate, self.seed
+
+
+def utterance_plan(sentences: Sequence[Sentence], split_speakers: Sequence[tuple[str, int]], split: str,
+                   i: int) -> PlannedUtterance:
+    """Utterance ``i`` of ``split``: sentence ``i mod n``; speaker and noise seed from ``sha256("<split> <i>")``."""
+    pick = int.from_bytes(hashlib.sha256(f"{split} {i}".encode()).digest()[:8], "big")
+    voice, rate = split_speakers[pick % len(split_speakers)]
+    return PlannedUtterance(sentences[i % len(sentences)], voice, rate, pick % 2**31)
+
+
 def espeak_corpus_inputs(hours: float, eval_minutes: float, espeak: Espeak) -> str:
     """The sha256 of everything the corpus's bytes are a function of."""
     root = stdlib_root()
     digest = hashlib.sha256(repr((SENTENCE_RULES, "utterance i: sentence i mod n, speaker and noise seed from "
-                                  "sha256('<split> <i>'); float64 sinc resampling", BASE_VOICES, VOICE_VARIANTS,
+                                  "sha256('<split> <i>'); float64 sinc resampling", CHUNK_UTTERANCES, BASE_VOICES, VOICE_VARIANTS,
                                   RATES, SAMPLE_RATE, hours,
                                   eval_minutes, [hash_split(f"sentence {i}") for i in range(64)],
                                   torchaudio.__version__.split("+")[0], soundfile.__libsndfile_version__)).encode())
@@ -294,19 +373,22 @@ def _check_size(key: str, value: Any) -> float:
     return float(value)
 
 
-def espeak_corpus_dir(hours: float = DEFAULT_HOURS, eval_minutes: float = DEFAULT_EVAL_MINUTES) -> Path:
-    """The corpus's dir in the cache, built now unless there (see the module docstring)."""
+def espeak_corpus_dir(hours: float = DEFAULT_HOURS, eval_minutes: float = DEFAULT_EVAL_MINUTES, *,
+                      workers: int = 2) -> Path:
+    """The corpus's dir in the cache, built now unless there (see the module docstring), with ``workers``
+    child processes speaking at a time (the bytes do not depend on it)."""
     hours, eval_minutes = _check_size("data.hours", hours), _check_size("data.eval_minutes", eval_minutes)
-    espeak = Espeak.get()
+    espeak = Espeak()
     inputs = espeak_corpus_inputs(hours, eval_minutes, espeak)
     directory = data_cache_dir() / "speech" / f"espeak-{hours:g}h-{eval_minutes:g}m-{inputs[:16]}"
     if not (directory / "manifest.json").is_file():
-        build_espeak_corpus(directory, hours=hours, eval_minutes=eval_minutes, espeak=espeak, inputs_sha256=inputs)
+        build_espeak_corpus(directory, hours=hours, eval_minutes=eval_minutes, espeak=espeak, inputs_sha256=inputs,
+                            workers=max(1, workers))
     return directory
 
 
 def build_espeak_corpus(directory: Path, *, hours: float, eval_minutes: float, espeak: Espeak,
-                        inputs_sha256: str) -> None:
+                        inputs_sha256: str, workers: int = 2) -> None:
     """Write the corpus (``LibriSpeech/<subset>/<spk>/<rate>/<spk>-<rate>-<utt>.flac`` + ``.trans.txt``
     and ``manifest.json``) into a temporary dir, then rename it to ``directory``."""
     sentences = stdlib_sentences()
@@ -316,6 +398,9 @@ def build_espeak_corpus(directory: Path, *, hours: float, eval_minutes: float, e
                           "too few to fill train, dev and test; expected thousands (3,747 with CPython 3.11). Use a "
                           "Python with its .py standard library, or data=librispeech data.root=...")
     numbers = speaker_ids()
+    for stale in directory.parent.glob(f".{directory.name}.*.tmp"):  # left by a killed build
+        if not _alive(int(stale.suffixes[-2][1:]) if stale.suffixes[-2][1:].isdigit() else -1):
+            shutil.rmtree(stale, ignore_errors=True)
     temporary = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     digest = hashlib.sha256()
@@ -324,24 +409,31 @@ def build_espeak_corpus(directory: Path, *, hours: float, eval_minutes: float, e
         for split, subset in ESPEAK_SUBSETS.items():
             seconds = hours * 3600 if split == "train" else eval_minutes * 60
             split_speakers = speakers(split)
+            plan = partial(utterance_plan, by_split[split], split_speakers, split)
+            chunks = ([plan(i).line for i in range(start, start + CHUNK_UTTERANCES)]
+                      for start in itertools.count(0, CHUNK_UTTERANCES))
             transcripts: dict[Path, list[str]] = {}
             total, utterances, used = 0, 0, set()
-            while total < seconds * SAMPLE_RATE:
-                sentence = by_split[split][utterances % len(by_split[split])]
-                pick = int.from_bytes(hashlib.sha256(f"{split} {utterances}".encode()).digest()[:8], "big")
-                voice, rate = split_speakers[pick % len(split_speakers)]
-                speaker = numbers[(voice, rate)]
-                chapter_dir = temporary / "LibriSpeech" / subset / str(speaker) / str(rate)
-                lines = transcripts.setdefault(chapter_dir, [])
-                utterance_id = f"{speaker}-{rate}-{len(lines):04d}"
-                audio = to_16k(espeak.speak(sentence.text, voice, rate, seed=pick % 2**31), espeak.sample_rate)
-                chapter_dir.mkdir(parents=True, exist_ok=True)
-                encoded = flac_bytes(audio)
-                (chapter_dir / f"{utterance_id}.flac").write_bytes(encoded)
-                lines.append(f"{utterance_id} {sentence.transcript}\n")
-                digest.update(f"{utterance_id} {sentence.transcript}\n".encode() + hashlib.sha256(encoded).digest())
-                total, utterances = total + len(audio), utterances + 1
-                used.add(sentence.transcript)
+            for rate_in, chunk in spoken_chunks(chunks, workers):
+                for samples in chunk:
+                    if total >= seconds * SAMPLE_RATE:
+                        break
+                    planned = plan(utterances)
+                    sentence, rate = planned.sentence, planned.rate
+                    speaker = numbers[(planned.voice, rate)]
+                    chapter_dir = temporary / "LibriSpeech" / subset / str(speaker) / str(rate)
+                    lines = transcripts.setdefault(chapter_dir, [])
+                    utterance_id = f"{speaker}-{rate}-{len(lines):04d}"
+                    audio = to_16k(samples, rate_in)
+                    chapter_dir.mkdir(parents=True, exist_ok=True)
+                    encoded = flac_bytes(audio)
+                    (chapter_dir / f"{utterance_id}.flac").write_bytes(encoded)
+                    lines.append(f"{utterance_id} {sentence.transcript}\n")
+                    digest.update(f"{utterance_id} {sentence.transcript}\n".encode() + hashlib.sha256(encoded).digest())
+                    total, utterances = total + len(audio), utterances + 1
+                    used.add(sentence.transcript)
+                if total >= seconds * SAMPLE_RATE:
+                    break
             for chapter_dir, lines in transcripts.items():
                 (chapter_dir / f"{chapter_dir.parent.name}-{chapter_dir.name}.trans.txt").write_text("".join(lines))
             facts[split] = {"subset": subset, "utterances": utterances, "hours": round(total / SAMPLE_RATE / 3600, 4),
@@ -368,6 +460,18 @@ def build_espeak_corpus(directory: Path, *, hours: float, eval_minutes: float, e
                           f"SIGMA_REPRO_DATA to one (now {os.environ.get('SIGMA_REPRO_DATA') or 'unset'}).") from error
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

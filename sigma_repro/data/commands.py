@@ -6,7 +6,9 @@ into ``$SIGMA_REPRO_DATA`` (default ``~/.cache/sigma-repro``) unless it is there
 the splits into the cache, and prints what the corpus is. ``sigma-repro data translation [--corpus
 gettext_de|wmt|synthetic_translation] [--root DIR] [--vocab-size N]`` does the same for a parallel
 corpus (the gettext one is first filtered and split into the cache) and prints its pairs per split,
-catalog and filter. A training run does the same on first use; this command does it ahead (before a
+catalog and filter. ``sigma-repro data speech [--hours H] [--eval-minutes M] [--corpus espeak|librispeech
+--root DIR]`` synthesises the embedded spoken corpus into the cache (or checks a LibriSpeech tree) and
+prints its utterances, speakers and hours per subset. A training run does the same on first use; this command does it ahead (before a
 sweep, or on a login node). Each kind of data is a subcommand (``KINDS``): a family adds its own.
 """
 
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from sigma_repro.data import parallel
+from sigma_repro.data import audio, parallel, speech
 from sigma_repro.data.text import SPLITS, stdlib_corpus, text_files_corpus, tokenize_corpus, wikitext103_corpus
 from sigma_repro.data.tokenizers import TOKENIZERS, build_tokenizer, data_cache_dir
 from sigma_repro.errors import ConfigError
@@ -134,10 +136,57 @@ def run_translation(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_speech_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", choices=("espeak", "librispeech"), default="espeak",
+                        help="espeak: synthesise the embedded spoken corpus into the cache (default); librispeech: "
+                             "check a local tree (--root) and print its size")
+    parser.add_argument("--hours", type=float, default=audio.DEFAULT_HOURS,
+                        help=f"espeak: hours of training audio (default {audio.DEFAULT_HOURS:g})")
+    parser.add_argument("--eval-minutes", type=float, default=audio.DEFAULT_EVAL_MINUTES,
+                        help=f"espeak: minutes of dev and of test audio, each (default {audio.DEFAULT_EVAL_MINUTES:g})")
+    parser.add_argument("--root", help="librispeech: the dir holding LibriSpeech/<subset>/")
+    parser.add_argument("--subsets", nargs="+", default=["train-clean-100", "dev-clean", "test-clean"],
+                        help="librispeech: the subsets to check (default train-clean-100 dev-clean test-clean)")
+
+
+def run_speech(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    if args.corpus == "librispeech":
+        if not args.root:
+            raise ConfigError("--corpus librispeech needs --root, the dir holding LibriSpeech/<subset>/ (LibriSpeech "
+                              "from openslr.org/12, extracted there).")
+        print(f"corpus     librispeech under {args.root}")
+        print("licence    CC BY 4.0 (LibriSpeech, openslr.org/12)")
+        splits = {subset: speech.read_librispeech(args.root, [subset], key="--subsets") for subset in args.subsets}
+    else:
+        directory = audio.espeak_corpus_dir(args.hours, args.eval_minutes)
+        manifest = audio.read_manifest(directory)
+        print(f"corpus     espeak ({directory.name})")
+        print(f"source     {manifest['source']}")
+        print(f"licence    {manifest['licence']}")
+        print(f"sha256     {manifest['sha256']}")
+        print(f"voices     {len(audio.BASE_VOICES)} accents ({', '.join(audio.BASE_VOICES)}) x variants "
+              + "; ".join(f"{split} {'/'.join(audio.VOICE_VARIANTS[split])}" for split in audio.VOICE_VARIANTS)
+              + f", at {'/'.join(map(str, audio.RATES))} wpm")
+        splits = {subset: speech.read_librispeech(directory, [subset], key="the corpus")
+                  for subset in audio.ESPEAK_SUBSETS.values()}
+    print(f"{'subset':<18} {'utterances':>10} {'speakers':>9} {'hours':>8} {'words':>9}")
+    for subset, split in splits.items():
+        print(f"{subset:<18} {len(split):>10,} {len({i.split('-')[0] for i in split.ids}):>9,} {split.hours:>8.3f} "
+              f"{sum(len(t.split()) for t in split.transcripts):>9,}")
+    if args.corpus == "espeak":
+        print(f"cache      {directory}")
+    print(f"took       {time.perf_counter() - started:.1f} s (building the corpus when it was not in the cache, "
+          "reading every file's header)")
+    return 0
+
+
 KINDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
     "lm": (add_lm_arguments, run_lm, "causal LM corpora: stdlib, WikiText-103, your text files"),
     "translation": (add_translation_arguments, run_translation,
                     "parallel corpora: the system's gettext catalogs (En->De), WMT raw text, a synthetic task"),
+    "speech": (add_speech_arguments, run_speech,
+               "spoken corpora: stdlib sentences spoken by espeak-ng (built into the cache), LibriSpeech trees"),
 }
 
 
