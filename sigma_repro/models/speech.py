@@ -29,12 +29,15 @@ ConformerCTC (Gulati et al. 2020, CTC head; the model of torchaudio's and ESPnet
     torchaudio's layer does not have).
 
 SpeechTransformer (the σReparam paper's speech model shape, REFERENCE.md §1: 36 blocks, d 768, 4 heads,
-MLP 3072, ReLU, dropout 0.3, layer-drop 0.3, CAPE positions, conv front end k 7 stride 3 GLU):
+MLP 3072, ReLU, dropout 0.3, layer-drop 0.3, CAPE positions, conv front end k 7 stride 3 GLU).
+The paper's speech code (JAX) is not available offline. That shape is the transformer of flashlight's
+CAPE / slimIPL speech recipes, so where a detail is needed and flashlight's ``Transformer`` block
+says it (dropout placement, layer-drop), we follow that block; each such place says so.
     Front end: Conv1d(F, 2·dim, kernel 7, stride 3, padding 3) over time with the filterbanks as
     channels, then GLU over channels -> dim; out_lengths = (L + 2·3 - 7)//3 + 1 = (L - 1)//3 + 1.
-    The paper's front end is flashlight's (the CAPE / slimIPL recipe it builds on): a 1-D convolution,
-    kernel 7, stride 3, GLU. Its padding and any dropout around it are not available offline; the
-    padding of kernel//2 (every input frame read) is ours.
+    The paper's front end is a 1-D convolution over the 80 filterbanks, kernel 7, stride 3, with GLU;
+    its padding and any dropout around it are not known here: the padding of kernel//2 (every input
+    frame read) is ours.
     Positions: sinusoidal ([sin | cos] halves, fairseq's frequencies 10000^(-i/(dim/2 - 1))) of
     continuous positions counted in output frames, added to the front end's output, then dropout.
     CAPE (Likhomanenko et al. 2021) in training: each utterance's positions are shifted by one global
@@ -48,8 +51,10 @@ MLP 3072, ReLU, dropout 0.3, layer-drop 0.3, CAPE positions, conv front end k 7 
     σReparam, the paper's "σReparam"); other residual schemes of sigma_repro.models.residual work too.
     ReLU FFN. Dropouts as fairseq names them: ``attention_dropout`` (attention probabilities),
     ``activation_dropout`` (inside the FFN), ``dropout`` (branch outputs and the front end's output).
-    flashlight's Transformer block, which the paper's recipe uses, applies its one dropout p to the
-    attention probabilities and inside the MLP only; conf/model/speech_transformer.yaml maps it so.
+    flashlight's Transformer block applies its one dropout p to the attention probabilities and
+    inside the MLP only, so conf/model/speech_transformer.yaml puts the paper's 0.3 there. Its
+    Linears have no bias and its init is U(±1/sqrt(fan_in)); ours keep biases and the shared
+    stack's xavier init.
     Layer-drop (``layer_drop``, flashlight's pLayerdrop): in training each layer is dropped with
     probability layer_drop, drawn independently per layer and forward from torch's global RNG (the
     task seeds it per step and rank, so runs and resumes repeat their draws); in eval no layer is
