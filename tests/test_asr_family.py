@@ -2,26 +2,43 @@
 
 Pieces against hand computations: the CTC loss against a brute-force sum over every alignment, greedy
 CTC decoding of a hand-made logit matrix, WER and CER by torchmetrics against hand-counted edits, the
-task's options refused before compute, the W&B example table. Then the task in a Lightning run on
-test doubles (a DataModule and a model that obey the data and model contracts): the logged val/loss,
-val/wer and val/cer are recomputed from the final weights and from ``transcripts.val.tsv``.
+task's options refused before compute, the W&B example table. The task in a Lightning run on test
+doubles (a DataModule and a model that obey the data and model contracts). Then ``task=asr`` through
+the app on the tiny espeak corpus (tests/speech_fixtures.py): the summary's val/loss, val/wer, val/cer
+are the final weights', recomputed from the checkpoint one utterance at a time; ``transcripts.val.tsv``
+and ``transcripts.test.tsv`` rescore to the logged rates; the diagnostics' entropy equals a direct
+softmax of the final model's attention on the probe batch; reparam none / sigma / sigma_stats run; a
+hard kill resumes exactly; a blow-up ends as ``diverged``; a re-run returns the stored result; W&B
+offline tags name the family.
 """
 
+import csv
 import itertools
+import json
 import math
 from pathlib import Path
 
+import hydra
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
 from torch import nn
 from torch.utils.data import DataLoader
 
 from sigma_repro.data.base import StabilityDataModule
+from sigma_repro.data.speech import collate_utterances
+from sigma_repro.diagnostics.callbacks import load_diagnostics
 from sigma_repro.errors import ConfigError
 from sigma_repro.tasks.asr import (TSV_HEADER, ASRTask, ctc_loss_per_char, error_rates, greedy_ctc_decode,
                                    log_example_table)
+
+from .conftest import CONF_DIR
+from .helpers import computed_metrics, direct_entropy
+from .speech_fixtures import TINY_ESPEAK_OVERRIDES, tiny_espeak_cache
+from .test_speech_model import direct_probs
+from .test_train import only_run_dir, reference_and_killed_run, train, wandb_offline_record
 
 ALPHABET = " 'ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # the contract's: id 0 is the blank, id i is ALPHABET[i - 1]
 
@@ -296,3 +313,172 @@ def test_final_evaluation_scores_the_test_split_and_writes_its_transcripts(fake_
     assert final["evaluation"]["test_utterances"] == 10 and final["evaluation"]["transcripts"] == "transcripts.test.tsv"
     assert final["evaluation"]["reference_words"] == sum(len(t.split()) for t in data.transcripts("test"))
     assert math.isfinite(final["metrics"]["test/loss"])
+
+
+# -- task=asr through the app, on the tiny espeak corpus ---------------------------------------------------
+
+# 25 training utterances at batch 8: 3 steps an epoch, a validation of the 10 dev utterances after each.
+FAST = ["task=asr", *TINY_ESPEAK_OVERRIDES, "data.batch_size=8", "model.depth=2", "logger=csv",
+        "trainer.max_steps=6", "trainer.max_epochs=-1", "trainer.enable_progress_bar=false",
+        "callbacks.diagnostics.every_n_steps=3", "callbacks.diagnostics.probe_size=8"]
+
+
+@pytest.fixture(scope="module")
+def speech_cache(tmp_path_factory):
+    """SIGMA_REPRO_DATA for this module's runs (and this process): the session's tiny espeak corpus."""
+    cache = tiny_espeak_cache(tmp_path_factory)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SIGMA_REPRO_DATA", str(cache))
+        yield cache
+
+
+@pytest.fixture(scope="module")
+def asr_run(speech_cache, tmp_path_factory):
+    """One `sigma-repro-train task=asr` run of 6 steps (reparam=none): (runs dir, run dir)."""
+    runs = tmp_path_factory.mktemp("asr_runs")
+    train(runs, *FAST)
+    return runs, only_run_dir(runs)
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def final_model_and_data(run_dir: Path):
+    """The run's data module and its model with the final weights (last.ckpt), in eval mode."""
+    config = _summary(run_dir)["config"]
+    data = hydra.utils.instantiate(config["data"], seed=config["seed"])
+    model = hydra.utils.instantiate(config["model"], **data.model_kwargs)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    return model.eval(), data
+
+
+def test_task_asr_alone_picks_the_conformer_on_espeak_and_scale_proxy_the_speech_transformer():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["task=asr"], return_hydra_config=True)
+        proxy = compose(config_name="train", overrides=["task=asr", "scale=proxy"], return_hydra_config=True)
+    assert (cfg.hydra.runtime.choices.model, cfg.hydra.runtime.choices.data) == ("conformer_tiny", "espeak")
+    assert cfg.task._target_ == "sigma_repro.tasks.asr.ASRTask"
+    assert proxy.model._target_ == "sigma_repro.models.speech.SpeechTransformer"
+    assert proxy.model.depth == proxy.proxy.depth and proxy.model.stride == proxy.data.subsampling == 3
+    assert proxy.data._target_ == cfg.data._target_ and proxy.data.utterances_per_epoch is None
+
+
+def test_asr_run_reports_the_final_weights_loss_wer_and_cer_over_the_whole_validation_split(asr_run):
+    _, run_dir = asr_run
+    summary = _summary(run_dir)
+    assert summary["status"] == "finished" and summary["steps"] == 6
+    assert summary["headline_metric"] == {"name": "val/wer", "higher_is_better": False}
+    metrics = summary["metrics"]
+    assert metrics["train/frames_per_s"] > 0 and summary["data"]["corpus"] == "espeak"
+    model, data = final_model_and_data(run_dir)
+    dataset = data.dataset("valid")
+    nll, chars, hypotheses = 0.0, 0, []
+    with torch.no_grad():
+        for i in range(len(dataset)):  # one utterance at a time: no padding
+            batch = collate_utterances([dataset[i]])
+            logits, out_lengths = model(batch["features"], batch["feature_lengths"])
+            log_probs = logits[0, : out_lengths[0]].double().log_softmax(-1)
+            nll += F.ctc_loss(log_probs[:, None], batch["targets"], out_lengths, batch["target_lengths"],
+                              reduction="sum", zero_infinity=True).item()
+            chars += int(batch["target_lengths"][0])
+            hypotheses.append(data.decode([k for k, _ in itertools.groupby(log_probs.argmax(-1).tolist()) if k != 0]))
+    assert metrics["val/loss"] == pytest.approx(nll / chars, rel=1e-4)
+    from torchmetrics.text import CharErrorRate, WordErrorRate
+
+    references = data.transcripts("valid")
+    assert metrics["val/wer"] == pytest.approx(float(WordErrorRate()(hypotheses, references)), abs=1e-6)
+    assert metrics["val/cer"] == pytest.approx(float(CharErrorRate()(hypotheses, references)), abs=1e-6)
+
+    # transcripts.val.tsv: every validation utterance in index order, rescoring to the logged rates
+    header, rows = read_tsv(run_dir / "transcripts.val.tsv")
+    assert header == TSV_HEADER
+    assert [r[0] for r in rows] == data.utterance_ids("valid") and [r[1] for r in rows] == references
+    assert [r[2] for r in rows] == hypotheses
+    assert float(WordErrorRate()([r[2] for r in rows], [r[1] for r in rows])) == pytest.approx(metrics["val/wer"])
+
+    # the test split, decoded once on the final weights
+    header, rows = read_tsv(run_dir / "transcripts.test.tsv")
+    assert [r[0] for r in rows] == data.utterance_ids("test") and [r[1] for r in rows] == data.transcripts("test")
+    rescored = error_rates([r[2] for r in rows], [r[1] for r in rows])
+    assert metrics["test/wer"] == pytest.approx(rescored["wer"]) and metrics["test/cer"] == pytest.approx(rescored["cer"])
+    assert summary["evaluation"]["test_utterances"] == len(rows) == 10
+    assert summary["evaluation"]["transcripts"] == "transcripts.test.tsv"
+
+
+def test_the_family_s_entropy_probe_is_a_direct_softmax_of_the_final_model_s_attention(asr_run):
+    """The diagnostics callback's last probe (the final weights, on the probe batch the task gives it)
+    equals a direct softmax of q·kᵀ of each attention of the final model, padding excluded."""
+    _, run_dir = asr_run
+    model, data = final_model_and_data(run_dir)
+    summary = _summary(run_dir)
+    probe = data.probe_batch(summary["config"]["callbacks"]["diagnostics"]["probe_size"])
+    ref = direct_probs(model, probe["features"], probe["feature_lengths"])
+    saved = load_diagnostics(run_dir / "diagnostics.npz")
+    assert saved["layers"].tolist() == list(ref) and len(ref) == 2  # model.depth=2
+    assert saved["steps"][-1] == 6
+    for i, (probs, real) in enumerate(ref.values()):
+        torch.testing.assert_close(torch.as_tensor(saved["attention_entropy"][-1, i]).double(),
+                                   direct_entropy(probs, real), atol=1e-5, rtol=0)
+
+
+def test_a_rerun_of_a_finished_asr_run_returns_the_stored_result(asr_run):
+    runs, run_dir = asr_run
+    before = (run_dir / "summary.json").read_text(), (run_dir / "transcripts.val.tsv").read_bytes()
+    again = train(runs, *FAST)
+    assert "stored result" in again.stdout and "val/wer" in again.stdout
+    assert ((run_dir / "summary.json").read_text(), (run_dir / "transcripts.val.tsv").read_bytes()) == before
+
+
+@pytest.mark.parametrize("reparam", ["sigma", pytest.param("sigma_stats", marks=pytest.mark.slow)])
+def test_asr_trains_with_sigma_reparam_and_sigma_stats(speech_cache, tmp_path, reparam):
+    train(tmp_path, *FAST, f"reparam={reparam}", "trainer.max_steps=3")
+    run_dir = only_run_dir(tmp_path)
+    summary = _summary(run_dir)
+    assert summary["status"] == "finished" and math.isfinite(summary["metrics"]["val/wer"])
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    reparametrised = [k for k in state if ".parametrizations." in k and k.endswith(".original")]
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        sigma_columns = [c for c in next(csv.reader(f)) if c.startswith("diag/sigma/")]
+    # 2 layers x (2 + 2 FFN matrices, attention in_proj and out_proj, 3 conv module matrices) + the two
+    # subsampling convolutions, the input projection and the head (which ones: test_speech_model.py)
+    assert len(sigma_columns) == 2 * 9 + 4
+    assert {"diag/sigma/conformer.conformer_layers.1.self_attn.in_proj", "diag/sigma/head"} <= set(sigma_columns)
+    assert len(reparametrised) == len(sigma_columns)  # sigma_stats: the same matrices, σ tracked, W used as it is
+    assert "model.conformer.conformer_layers.1.self_attn.parametrizations.in_proj_weight.original" in reparametrised
+    assert summary["config"]["reparam"]["stats_only"] is (reparam == "sigma_stats")
+
+
+@pytest.mark.slow
+def test_asr_resumes_exactly_after_a_hard_kill_mid_epoch(speech_cache, tmp_path):
+    common = [*FAST, "trainer.deterministic=true", "trainer.max_steps=8", "checkpoint_every_n_steps=2"]
+    ref_dir, run_dir = reference_and_killed_run(tmp_path, common, kill_step=5)
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4  # mid-epoch 2
+    resumed = train(tmp_path / "b", *common, f"hydra.run.dir={run_dir}")
+    assert "resuming" in resumed.stdout + resumed.stderr
+    ref, got = _summary(ref_dir), _summary(run_dir)
+    assert got["status"] == "finished" and got["launches"] == 2
+    assert computed_metrics(got) == computed_metrics(ref) and got["loss_spikes"] == ref["loss_spikes"]
+    assert got["attention_entropy"] == ref["attention_entropy"]
+    a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for d in (ref_dir, run_dir))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (ref_dir / "transcripts.val.tsv").read_bytes() == (run_dir / "transcripts.val.tsv").read_bytes()
+
+
+@pytest.mark.slow
+def test_asr_blow_up_ends_as_diverged_without_a_test_evaluation(speech_cache, tmp_path):
+    proc = train(tmp_path, *FAST, "optim=sgd", "optim.lr=1e12", "optim.momentum=0.0")
+    run_dir = only_run_dir(tmp_path)
+    summary = _summary(run_dir)
+    assert summary["status"] == "diverged" and 0 <= summary["diverged_step"] < 6
+    assert "Traceback" not in proc.stderr and (run_dir / "DONE.json").exists()
+    assert "evaluation" not in summary and not (run_dir / "transcripts.test.tsv").exists()
+
+
+@pytest.mark.slow
+def test_asr_wandb_offline_run_has_the_family_s_tags_and_example_table(speech_cache, tmp_path):
+    train(tmp_path, *[o for o in FAST if o != "logger=csv"], "trainer.max_steps=3", "reparam=sigma")
+    record = wandb_offline_record(only_run_dir(tmp_path))
+    assert {"task:asr", "reparam:sigma", "model:conformer_tiny", "data:espeak"} <= set(record["tags"])
+    assert "val/wer" in record["summary"] and "val/examples" in record["summary"]
