@@ -8,8 +8,9 @@ gettext_de|wmt|synthetic_translation] [--root DIR] [--vocab-size N]`` does the s
 corpus (the gettext one is first filtered and split into the cache) and prints its pairs per split,
 catalog and filter. ``sigma-repro data speech [--hours H] [--eval-minutes M] [--corpus espeak|librispeech
 --root DIR]`` synthesises the embedded spoken corpus into the cache (or checks a LibriSpeech tree) and
-prints its utterances, speakers and hours per subset. A training run does the same on first use; this command does it ahead (before a
-sweep, or on a login node). Each kind of data is a subcommand (``KINDS``): a family adds its own.
+prints its utterances, speakers and hours per subset. A training run does the same on first use;
+this command does it ahead (before a sweep, or on a login node). Each kind of data is a subcommand
+(``KINDS``): a family adds its own.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Speech recognition data (``task=asr``): LibriSpeech trees, log-mel features, character targets.
 
-| ``data=``      | class                     | corpus                                                             |
-|----------------|---------------------------|--------------------------------------------------------------------|
-| ``espeak``     | ``EspeakSpeechDataModule``      | stdlib sentences spoken by espeak-ng, built into the data cache     |
-|                |                           | (``sigma_repro.data.audio``); 1 h train, 5 min dev/test by default |
-| ``librispeech``| ``LibriSpeechDataModule`` | ``data.root/LibriSpeech/<subset>/...`` (openslr.org/12), read only |
+| ``data=``       | class                         | corpus                                                 |
+|-----------------|-------------------------------|--------------------------------------------------------|
+| ``espeak``      | ``EspeakSpeechDataModule``    | stdlib sentences spoken by espeak-ng, built into the   |
+|                 |                               | data cache (``sigma_repro.data.audio``); 1 h train,    |
+|                 |                               | 5 min dev and test by default                          |
+| ``librispeech`` | ``LibriSpeechDataModule``     | ``data.root/LibriSpeech/<subset>/...`` (openslr.org/12) |
 
 Both read the same layout (``read_librispeech``)::
 
@@ -171,7 +172,8 @@ def read_librispeech(root: str | Path, subsets: Sequence[str], *, key: str) -> S
             found = {flac.stem for flac in flacs}
             for flac in flacs:
                 if flac.stem not in texts:
-                    raise ConfigError(f"{flac} has no transcript: no '{flac.stem} ...' line in {transcript_path}. {fix}")
+                    raise ConfigError(f"{flac} has no transcript: no '{flac.stem} ...' line in {transcript_path}. "
+                                      f"{fix}")
             for utterance_id in texts:
                 if utterance_id not in found:
                     raise ConfigError(f"{transcript_path} has a line for {utterance_id} but there is no "
@@ -362,7 +364,8 @@ class SpeechDataModule(StabilityDataModule):
         for key, value, smallest in (("n_mels", n_mels, 1), ("freq_masks", freq_masks, 0),
                                      ("freq_mask_width", freq_mask_width, 0), ("time_masks", time_masks, 0),
                                      ("time_mask_width", time_mask_width, 0), ("batch_size", batch_size, 1),
-                                     ("num_workers", num_workers, 0), ("seed", seed, 0), ("subsampling", subsampling, 1)):
+                                     ("num_workers", num_workers, 0), ("seed", seed, 0),
+                                     ("subsampling", subsampling, 1)):
             _check(key, value, smallest)
         for key, value in (("cmvn_utterances", cmvn_utterances), ("utterances_per_epoch", utterances_per_epoch)):
             if value is not None:
@@ -458,8 +461,9 @@ class SpeechDataModule(StabilityDataModule):
         if self._normalise is not None:
             return
         if self.features_in_memory:
-            self._cached = {split: [self.log_mel(read_waveform(path)) for path in self.splits[split].paths]
-                            for split in SPLITS}
+            with audio.single_threaded():
+                self._cached = {split: [self.log_mel(read_waveform(path)) for path in self.splits[split].paths]
+                                for split in SPLITS}
         if self.cmvn == "utterance":
             self._normalise = utterance_cmvn
         else:
@@ -538,6 +542,13 @@ SPEECH_DEFAULTS: dict[str, Any] = dict(
     subsampling=4, utterances_per_epoch=None)
 
 
+def voices_summary(voices: Sequence[str]) -> str:
+    """``["en+m1", "en-us+m1", "en+f4"...]`` -> ``"2 accents (en, en-us) x variants f4/m1"``."""
+    bases = sorted({v.split("+")[0] for v in voices})
+    variants = sorted({v.split("+")[1] for v in voices if "+" in v})
+    return f"{len(bases)} accents ({', '.join(bases)}) x variants {'/'.join(variants)}"
+
+
 class EspeakSpeechDataModule(SpeechDataModule):
     """``data=espeak``: the embedded spoken corpus (``sigma_repro.data.audio``), built into the data cache on
     first use (``hours`` of training audio, ``eval_minutes`` each of dev and test), features in memory."""
@@ -549,7 +560,7 @@ class EspeakSpeechDataModule(SpeechDataModule):
         corpus = {"corpus": "espeak", "source": manifest["source"], "licence": manifest["licence"],
                   "prepared": str(self.corpus_dir), "sha256": manifest["sha256"], "sentences": manifest["sentences"],
                   "word_types": manifest["word_types"], "espeak_version": manifest["espeak_version"],
-                  "voices": {split: manifest["splits"][split]["voices"] for split in SPLITS}}
+                  "voices": {split: voices_summary(manifest["splits"][split]["voices"]) for split in SPLITS}}
         subsets = audio.ESPEAK_SUBSETS
         read = {split: partial(read_librispeech, self.corpus_dir, [subsets[split]], key=f"the corpus's {split} split")
                 for split in SPLITS}
