@@ -476,3 +476,16 @@ def test_data_speech_command_builds_and_prints_the_corpus(tmp_path_factory, monk
     assert "CC BY 4.0" in out and "train-clean-100" in out and f"{len(written['train-clean-100'])}" in out
     assert cli.main(["data", "speech", "--corpus", "librispeech"]) == 2
     assert "needs --root" in capsys.readouterr().err
+
+
+def test_utterances_per_epoch_draws_that_many_afresh_each_epoch(libri_root):
+    root, _ = libri_root
+    dm = LibriSpeechDataModule(root=str(root), batch_size=2, utterances_per_epoch=4, max_duration=100.0,
+                               subsampling=1)
+    assert len(dm.train_indices) == 16
+    loader = dm.train_dataloader()
+    epochs = []
+    for epoch in range(3):
+        loader.sampler.set_epoch(epoch)
+        epochs.append(sorted(i for b in loader for i in b["index"].tolist()))
+    assert [len(e) for e in epochs] == [4, 4, 4] and len({tuple(e) for e in epochs}) > 1
