@@ -318,7 +318,8 @@ def test_final_evaluation_scores_the_test_split_and_writes_its_transcripts(fake_
 # -- task=asr through the app, on the tiny espeak corpus ---------------------------------------------------
 
 # 25 training utterances at batch 8: 3 steps an epoch, a validation of the 10 dev utterances after each.
-FAST = ["task=asr", *TINY_ESPEAK_OVERRIDES, "data.batch_size=8", "model.depth=2", "logger=csv",
+FAST = ["task=asr", *TINY_ESPEAK_OVERRIDES, "data.batch_size=8", "data.utterances_per_epoch=null", "model.depth=2",
+        "logger=csv",
         "trainer.max_steps=6", "trainer.max_epochs=-1", "trainer.enable_progress_bar=false",
         "callbacks.diagnostics.every_n_steps=3", "callbacks.diagnostics.probe_size=8"]
 

@@ -177,7 +177,7 @@ def test_alphabet_ids_and_decoding():
 
 def test_tiny_espeak_datamodule_batches(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SIGMA_REPRO_DATA", str(tiny_espeak_cache(tmp_path_factory)))
-    dm = instantiate(OmegaConf.load(CONF_DATA / "espeak.yaml"), seed=0, batch_size=4, **TINY_ESPEAK)
+    dm = instantiate(OmegaConf.load(CONF_DATA / "espeak.yaml"), seed=0, batch_size=4, utterances_per_epoch=None, **TINY_ESPEAK)
     assert dm.model_kwargs == {"input_dim": 80, "vocab_size": 29}
     assert dm.task_kwargs == {"blank_id": 0, "alphabet": ALPHABET}
     loader = dm.train_dataloader()
@@ -190,6 +190,24 @@ def test_tiny_espeak_datamodule_batches(tmp_path_factory, monkeypatch):
         assert n == 1 + dm.splits["train"].samples[index] // 160
         assert dm.decode(batch["targets"][row, :s]) == dm.transcripts("train")[index]
         assert (batch["features"][row, n:] == 0).all() and (batch["targets"][row, s:] == 0).all()
+
+
+def test_val_utterances_validates_on_evenly_spaced_dev_utterances_and_leaves_the_probe_and_test_whole(
+        tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SIGMA_REPRO_DATA", str(tiny_espeak_cache(tmp_path_factory)))
+    whole = EspeakSpeechDataModule(seed=0, batch_size=4, **TINY_ESPEAK)
+    part = EspeakSpeechDataModule(seed=0, batch_size=4, val_utterances=4, **TINY_ESPEAK)
+    dev = len(whole.transcripts("valid"))
+    seen = sorted(i for b in part.val_dataloader() for i in b["index"].tolist())
+    # 4 of the dev utterances: the first, the last and two between, evenly spaced
+    assert seen == [round(k * (dev - 1) / 3) for k in range(4)]
+    assert sorted(i for b in whole.val_dataloader() for i in b["index"].tolist()) == list(range(dev))
+    assert sum(len(b["index"]) for b in part.test_dataloader()) == len(part.transcripts("test"))
+    for key in ("features", "index"):
+        assert torch.equal(part.probe_batch(6)[key], whole.probe_batch(6)[key])
+    assert part.describe()["val_utterances"] == 4
+    with pytest.raises(ConfigError, match="val_utterances"):
+        EspeakSpeechDataModule(seed=0, batch_size=4, val_utterances=0, **TINY_ESPEAK)
 
 
 def test_train_loader_resumes_mid_epoch_exactly(tmp_path_factory, monkeypatch):

@@ -353,13 +353,15 @@ class SpeechDataModule(StabilityDataModule):
     model's frames per output frame, for counting the utterances CTC cannot align: 4 for the Conformer's
     two stride-2 convolutions, 3 for the speech transformer's stride-3 one), ``utterances_per_epoch``
     (an epoch is that many training utterances, the first of the epoch's permutation; null: all),
-    ``features_in_memory`` (compute every log-mel once in ``setup`` and keep it).
+    ``val_utterances`` (validation on that many utterances evenly spaced over the split, the same every
+    time; null: all; the test split is always whole), ``features_in_memory`` (compute every log-mel once in ``setup`` and keep it).
     """
 
     def __init__(self, *, read_splits: Callable[[], dict[str, SpeechSplit]], corpus: dict[str, Any], n_mels: int,
                  cmvn: str, cmvn_utterances: int | None, freq_masks: int, freq_mask_width: int, time_masks: int,
                  time_mask_width: int, time_mask_max_fraction: float, batch_size: int, num_workers: int, seed: int,
-                 max_duration: float, subsampling: int, utterances_per_epoch: int | None, features_in_memory: bool):
+                 max_duration: float, subsampling: int, utterances_per_epoch: int | None, val_utterances: int | None,
+                 features_in_memory: bool):
         super().__init__()
         for key, value, smallest in (("n_mels", n_mels, 1), ("freq_masks", freq_masks, 0),
                                      ("freq_mask_width", freq_mask_width, 0), ("time_masks", time_masks, 0),
@@ -367,7 +369,8 @@ class SpeechDataModule(StabilityDataModule):
                                      ("num_workers", num_workers, 0), ("seed", seed, 0),
                                      ("subsampling", subsampling, 1)):
             _check(key, value, smallest)
-        for key, value in (("cmvn_utterances", cmvn_utterances), ("utterances_per_epoch", utterances_per_epoch)):
+        for key, value in (("cmvn_utterances", cmvn_utterances), ("utterances_per_epoch", utterances_per_epoch),
+                           ("val_utterances", val_utterances)):
             if value is not None:
                 _check(key, value, 1, meaning=" or null (all)")
         _check("max_duration", max_duration, 0.1, whole=False, meaning=" (seconds)")
@@ -400,6 +403,7 @@ class SpeechDataModule(StabilityDataModule):
         self.n_mels, self.cmvn, self.cmvn_utterances = n_mels, cmvn, cmvn_utterances
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.utterances_per_epoch, self.features_in_memory = utterances_per_epoch, features_in_memory
+        self.val_indices = evenly_spaced(len(self.splits["valid"]), val_utterances)
         self.log_mel = LogMel(n_mels)
         self.augment = SpecAugment(freq_masks=freq_masks, freq_mask_width=freq_mask_width, time_masks=time_masks,
                                    time_mask_width=time_mask_width, time_mask_max_fraction=time_mask_max_fraction)
@@ -415,6 +419,7 @@ class SpeechDataModule(StabilityDataModule):
             "train_dropped_unalignable": int((unalignable["train"] & ~too_long).sum()),
             "unalignable_kept": {split: int(unalignable[split].sum()) for split in ("valid", "test")},
             "subsampling": subsampling, "utterances_per_epoch": utterances_per_epoch or len(self.train_indices),
+            "val_utterances": len(self.val_indices),
             "features": f"log-mel {n_mels} (torchaudio MelSpectrogram 16 kHz, n_fft {N_FFT}, hop {HOP_LENGTH}), "
                         f"log(x + {LOG_OFFSET:g})", "cmvn": cmvn,
             "spec_augment": {"freq_masks": freq_masks, "freq_mask_width": freq_mask_width, "time_masks": time_masks,
@@ -488,10 +493,14 @@ class SpeechDataModule(StabilityDataModule):
         self._description["cmvn_stats"] = {"path": str(path), "utterances": len(chosen)}
         return stats
 
-    def dataset(self, split: str, *, augment: bool = False) -> Utterances:
-        """The utterances of ``split`` as a Dataset (train: those kept, with SpecAugment when ``augment``)."""
+    def dataset(self, split: str, *, augment: bool = False, indices: np.ndarray | None = None) -> Utterances:
+        """The utterances of ``split`` as a Dataset (train: those kept, with SpecAugment when ``augment``;
+        valid: the ``val_utterances`` validated on; or the utterances ``indices`` of the split)."""
         self._prepare_features()
-        indices = self.train_indices if split == "train" else np.arange(len(self._split(split)))
+        if indices is None:
+            indices = {"train": self.train_indices, "valid": self.val_indices}.get(split)
+        if indices is None:
+            indices = np.arange(len(self._split(split)))
         return Utterances(self.splits[split], indices, log_mel=self.log_mel, normalise=self._normalise,
                           augment=self.augment if augment else None,
                           cached=self._cached[split] if self._cached else None)
@@ -514,7 +523,7 @@ class SpeechDataModule(StabilityDataModule):
         return DataLoader(dataset, sampler=np.argsort(dataset.frames, kind="stable").tolist(), **self._loader_options())
 
     def val_dataloader(self) -> DataLoader:
-        """Every validation utterance, shortest first, no augmentation."""
+        """The validation utterances (``val_utterances`` of them), shortest first, no augmentation."""
         return self._eval_loader("valid")
 
     def test_dataloader(self) -> DataLoader:
@@ -532,14 +541,14 @@ class SpeechDataModule(StabilityDataModule):
         if not _whole(n) or not 1 <= n <= count:
             raise ConfigError(f"probe batch size must be between 1 and the {count} validation utterances; found {n}. "
                               "Set callbacks.diagnostics.probe_size lower.")
-        dataset = self.dataset("valid")
-        return collate_utterances([dataset[i] for i in evenly_spaced(count, n).tolist()])
+        dataset = self.dataset("valid", indices=evenly_spaced(count, n))
+        return collate_utterances([dataset[i] for i in range(len(dataset))])
 
 
 SPEECH_DEFAULTS: dict[str, Any] = dict(
     n_mels=80, cmvn="utterance", cmvn_utterances=None, freq_masks=2, freq_mask_width=27, time_masks=2,
     time_mask_width=40, time_mask_max_fraction=0.2, batch_size=32, num_workers=0, seed=0, max_duration=20.0,
-    subsampling=4, utterances_per_epoch=None)
+    subsampling=4, utterances_per_epoch=None, val_utterances=None)
 
 
 def voices_summary(voices: Sequence[str]) -> str:
