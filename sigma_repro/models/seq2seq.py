@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from sigma_repro.errors import ConfigError
 from sigma_repro.models.residual import admin_profile
-from sigma_repro.models.transformer import TransformerDecoder, TransformerEncoder
+from sigma_repro.models.transformer import TransformerDecoder, TransformerEncoder, check_width
 
 
 def sinusoidal_positions(start: int, length: int, dim: int, *, pad_id: int, device=None) -> Tensor:
@@ -79,12 +79,7 @@ class Seq2SeqTransformer(nn.Module):
             if not (isinstance(value, Integral) and not isinstance(value, bool) and value >= 1):
                 raise ConfigError(f"Seq2SeqTransformer needs model.{name} to be an integer >= 1, found {value!r}"
                                   + (" (None takes model.depth)" if name.endswith("_depth") else ""))
-        if dim % num_heads:
-            raise ConfigError(f"model.dim={dim} is not divisible by model.num_heads={num_heads}; choose num_heads "
-                              f"among the divisors of {dim}")
-        if dim % 2 or dim < 4:
-            raise ConfigError(f"model.dim must be an even number >= 4 (the sinusoidal positions pair a sine and a "
-                              f"cosine per frequency), found {dim}")
+        check_width(dim, num_heads, sinusoidal=True)
         if not (isinstance(pad_id, Integral) and 0 <= pad_id < vocab_size):
             raise ConfigError(f"pad_id={pad_id!r} is not an id of the vocabulary of {vocab_size} tokens; the data's "
                               f"model_kwargs give both (vocab_size and pad_id of one tokenizer)")

@@ -81,7 +81,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sigma_repro.errors import ConfigError
-from sigma_repro.models.transformer import TransformerEncoder
+from sigma_repro.models.transformer import TransformerEncoder, check_width
 
 
 def _check_sizes(model: str, **sizes) -> None:
@@ -176,9 +176,7 @@ class ConformerCTC(nn.Module):
         if input_dim < 7:
             raise ConfigError(f"ConformerCTC's two stride-2 Conv2d need at least 7 feature bins, got input_dim="
                               f"{input_dim}; use more mel bins (data n_mels)")
-        if dim % num_heads:
-            raise ConfigError(f"model.dim={dim} is not divisible by model.num_heads={num_heads}; choose num_heads "
-                              f"among the divisors of {dim}")
+        check_width(dim, num_heads)
         if kernel_size % 2 == 0:
             raise ConfigError(f"model.kernel_size must be odd (torchaudio pads the depthwise convolution 'same'), "
                               f"found {kernel_size}; e.g. 31 for Conformer-S's 32")
@@ -282,12 +280,7 @@ class SpeechTransformer(nn.Module):
         super().__init__()
         _check_sizes("SpeechTransformer", input_dim=input_dim, vocab_size=vocab_size, dim=dim, depth=depth,
                      num_heads=num_heads, ffn_dim=ffn_dim, kernel_size=kernel_size, stride=stride)
-        if dim % num_heads:
-            raise ConfigError(f"model.dim={dim} is not divisible by model.num_heads={num_heads}; choose num_heads "
-                              f"among the divisors of {dim}")
-        if dim % 2 or dim < 4:
-            raise ConfigError(f"model.dim must be an even number >= 4 (the sinusoidal positions pair a sine and a "
-                              f"cosine per frequency), found {dim}")
+        check_width(dim, num_heads, sinusoidal=True)
         for name, value in (("dropout", dropout), ("attention_dropout", attention_dropout),
                             ("activation_dropout", activation_dropout), ("layer_drop", layer_drop)):
             if not (isinstance(value, Real) and 0.0 <= value < 1.0):

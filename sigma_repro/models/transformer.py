@@ -31,6 +31,16 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 TAU_DEPTHS = ("blocks", "sublayers")
 
 
+def check_width(dim: int, num_heads: int, *, sinusoidal: bool = False) -> None:
+    """A model config's width fits its heads (and sinusoidal positions), or a ConfigError before any layer is built."""
+    if dim % num_heads:
+        raise ConfigError(f"model.dim={dim} is not divisible by model.num_heads={num_heads}; choose num_heads "
+                          f"among the divisors of {dim}")
+    if sinusoidal and (dim % 2 or dim < 4):
+        raise ConfigError(f"model.dim must be an even number >= 4 (the sinusoidal positions pair a sine and a "
+                          f"cosine per frequency), found {dim}")
+
+
 class FeedForward(nn.Module):
     """Position-wise FFN: Linear(dim, ffn_dim) – activation – dropout – Linear(ffn_dim, dim);
     ``bias=False`` drops both Linears' biases."""

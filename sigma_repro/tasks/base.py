@@ -150,6 +150,14 @@ class StabilityTask(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.last_val_step = self.global_step
 
+    def gather_by_index(self, share: dict[int, Any]) -> dict[int, Any]:
+        """Every rank's ``{index: value}`` merged (each DDP rank evaluated its share of a split); one process: ``share``."""
+        if self.trainer.world_size == 1:
+            return share
+        shares: list[dict[int, Any]] = [{} for _ in range(self.trainer.world_size)]
+        torch.distributed.all_gather_object(shares, share)
+        return {k: v for s in shares for k, v in s.items()}
+
     def compute_loss(self, batch: Any, stage: str) -> tuple[torch.Tensor, dict[str, Any]]:
         raise NotImplementedError
 

@@ -150,11 +150,7 @@ class TranslationTask(StabilityTask):
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        hypotheses = self._val_hypotheses
-        if self.trainer.world_size > 1:  # each rank decoded its share of the validation pairs
-            shares: list[dict[int, str]] = [{} for _ in range(self.trainer.world_size)]
-            torch.distributed.all_gather_object(shares, hypotheses)
-            hypotheses = {k: v for share in shares for k, v in share.items()}
+        hypotheses = self.gather_by_index(self._val_hypotheses)  # each DDP rank decoded its share
         if not hypotheses:
             return
         references = self.trainer.datamodule.references("valid")
