@@ -16,7 +16,9 @@ Split (sentences): ``text.hash_split`` of the transcript, about 5% dev and 5% te
 train; within a split the sentences are put in the order of their sha256 (mixes modules, the same on
 every machine). Speakers: an espeak-ng voice (a base voice = accent, plus a variant = timbre) at a
 speaking rate. Train, dev and test use disjoint variants on every base voice (``VOICE_VARIANTS``), so
-dev and test are held-out voices; rates ``RATES`` words per minute.
+dev and test are held-out voices; rates ``RATES`` words per minute. espeak-ng runs the words of a sentence
+together; each speaker adds a pause of 20, 30 or 40 ms between words (``WORD_GAPS``, espeakWORDGAP, see
+``word_gap``) so that word boundaries are audible (written in the manifest: ``word_gap_ms`` and per speaker).
 
 Audio: espeak-ng (``espeak_Synth``, synchronous, through ctypes) from the ``espeakng-loader`` wheel
 (libespeak-ng and its data, no root needed), else the system's libespeak-ng, said in forked child
@@ -32,11 +34,12 @@ The tree is built in a temporary dir next to its final place and renamed into pl
 (stdlib files, espeak-ng library and data, the rules here, the sizes) give the same bytes. Its dir name
 holds a hash of those inputs: ``<cache>/speech/espeak-<hours>h-<eval_minutes>m-<hash>/``.
 
-The default size (1 h train, 5 min dev and test) on CPython 3.11.7 and espeak-ng 1.52.0: train 1,272
-utterances (192 speakers; 1,272 of the 3,387 training sentences, 7.2 s the longest), dev 107 and test
-109 (of 176 and 185 held-out sentences), 1.17 h in all, 91 MB on disk; built in 25 s on 2 cores that
-two training runs kept busy (36 s with the interpreter's start), and the same bytes with 1 or 2 torch
-threads and on a second build (sha256 b2b0fb925b6e3080...).
+The default size (1 h train, 5 min dev and test) on CPython 3.11.7 and espeak-ng 1.52.0, with the word
+gaps: train 1,113 utterances (192 speakers; 1,113 of the 3,387 training sentences, 7.3 s the longest),
+dev 96 and test 93 (of 176 and 185 held-out sentences), 1.17 h in all, 87 MB on disk; built in 26 s on
+2 cores that two training runs kept busy (39 s with the interpreter's start), and the same bytes on a
+second build (sha256 eb876584a5df22fb...). The nominal 20 and 40 ms gaps add about 35 and 55 ms a
+gap to a 9-word sentence at 170 wpm (en-us+m1).
 """
 
 from __future__ import annotations
@@ -158,7 +161,7 @@ ESPEAK_SYSTEM_DATA = "/usr/lib/x86_64-linux-gnu/espeak-ng-data"
 ESPEAK_INSTALL = ("Install espeak-ng one of two ways: `pip install espeakng-loader` (a wheel with libespeak-ng and its "
                   "voices, no root needed) or `apt-get install espeak-ng` (Debian/Ubuntu; the library and "
                   f"{ESPEAK_SYSTEM_DATA}).")
-_AUDIO_OUTPUT_SYNCHRONOUS, _POS_CHARACTER, _ESPEAK_CHARS_AUTO, _ESPEAK_RATE = 2, 1, 0, 1
+_AUDIO_OUTPUT_SYNCHRONOUS, _POS_CHARACTER, _ESPEAK_CHARS_AUTO, _ESPEAK_RATE, _ESPEAK_WORDGAP = 2, 1, 0, 1, 7
 _SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 # Base voices (accents) x variants (timbres): each variant speaks in exactly one split, on every base voice.
 BASE_VOICES = ("en-us", "en", "en-gb-x-rp", "en-029", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
@@ -166,6 +169,18 @@ BASE_VOICES = ("en-us", "en", "en-gb-x-rp", "en-029", "en-gb-scotland", "en-gb-x
 VOICE_VARIANTS = {"train": ("m1", "m2", "m3", "m4", "m5", "f1", "f2", "f3"), "valid": ("m6", "f4"),
                   "test": ("m7", "f5")}
 RATES = (140, 170, 200)  # words per minute; espeak's default is 175
+# Extra pause between words (espeakWORDGAP, units of 10 ms at espeak's default speed): espeak-ng runs the words
+# of a sentence together, so without a pause a small model hears no word boundary and merges words (WER near 1
+# although CER falls). Each speaker has one of these (``word_gap``).
+WORD_GAPS = (2, 3, 4)
+
+
+def word_gap(voice: str, rate: int) -> int:
+    """The extra pause between words of speaker ``(voice, rate)``, in espeak's 10 ms units: ``WORD_GAPS`` at
+    (base voice index + variant index + rate index) mod 3, so every gap goes with every accent, timbre and rate."""
+    base, variant = voice.split("+")
+    variants = [v for split in VOICE_VARIANTS.values() for v in split]
+    return WORD_GAPS[(BASE_VOICES.index(base) + variants.index(variant) + RATES.index(rate)) % len(WORD_GAPS)]
 
 
 def espeak_location() -> tuple[str, str, str]:
@@ -221,8 +236,9 @@ class Espeak:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(count,)).copy())
         return 0
 
-    def speak(self, text: str, voice: str, rate: int, *, seed: int) -> np.ndarray:
-        """int16 samples at ``self.sample_rate`` (22,050 Hz) of ``text`` said by ``voice`` at ``rate`` wpm.
+    def speak(self, text: str, voice: str, rate: int, *, seed: int, word_gap: int = 0) -> np.ndarray:
+        """int16 samples at ``self.sample_rate`` (22,050 Hz) of ``text`` said by ``voice`` at ``rate`` wpm,
+        with an extra pause of ``word_gap`` x 10 ms between words (espeakWORDGAP).
 
         Voices with breath noise (f2, f3, f5) draw from espeak-ng's random generator, which it seeds
         from the clock; it is seeded with ``seed`` here (``espeak_ng_SetRandSeed``, espeak-ng 1.52+; with
@@ -235,6 +251,7 @@ class Espeak:
             raise ConfigError(f"espeak-ng ({self.origin}, data {self.data_path}) has no voice {voice!r}; expected "
                               f"the voices of espeak-ng 1.51 or later. {ESPEAK_INSTALL}")
         self.lib.espeak_SetParameter(_ESPEAK_RATE, rate, 0)
+        self.lib.espeak_SetParameter(_ESPEAK_WORDGAP, word_gap, 0)  # set on every call: espeak keeps it
         self._chunks = []
         encoded = text.encode()
         status = self.lib.espeak_Synth(encoded, len(encoded) + 1, 0, _POS_CHARACTER, 0, _ESPEAK_CHARS_AUTO, None, None)
@@ -254,7 +271,7 @@ class Espeak:
         return digest.hexdigest()
 
 
-Line = tuple[str, str, int, int]  # (text, voice, rate, noise seed)
+Line = tuple[str, str, int, int, int]  # (text, voice, rate, word gap, noise seed)
 CHUNK_UTTERANCES = 32  # utterances a child process says (a fork costs about 0.1 s)
 
 
@@ -263,7 +280,7 @@ def _speak_chunk(connection, lines: list[Line]) -> None:
     ``(sample rate, [int16 arrays])`` or the exception."""
     try:
         espeak = Espeak()
-        spoken = [espeak.speak(text, voice, rate, seed=seed) for text, voice, rate, seed in lines]
+        spoken = [espeak.speak(text, voice, rate, seed=seed, word_gap=gap) for text, voice, rate, gap, seed in lines]
         connection.send((espeak.sample_rate, spoken))
     except BaseException as error:  # sent to the parent, which raises it
         connection.send(error)
@@ -363,7 +380,7 @@ class PlannedUtterance:
 
     @property
     def line(self) -> Line:
-        return self.sentence.text, self.voice, self.rate, self.seed
+        return self.sentence.text, self.voice, self.rate, word_gap(self.voice, self.rate), self.seed
 
 
 def utterance_plan(sentences: Sequence[Sentence], split_speakers: Sequence[tuple[str, int]], split: str,
@@ -380,7 +397,8 @@ def espeak_corpus_inputs(hours: float, eval_minutes: float, espeak: Espeak) -> s
     digest = hashlib.sha256(repr((SENTENCE_RULES, "utterance i: sentence i mod n, speaker and noise seed from "
                                   "sha256('<split> <i>'); float64 sinc resampling", CHUNK_UTTERANCES, BASE_VOICES,
                                   VOICE_VARIANTS,
-                                  RATES, SAMPLE_RATE, hours,
+                                  RATES, ("word gap", WORD_GAPS, "base + variant + rate index mod 3"), SAMPLE_RATE,
+                                  hours,
                                   eval_minutes, [hash_split(f"sentence {i}") for i in range(64)],
                                   torchaudio.__version__.split("+")[0], soundfile.__libsndfile_version__)).encode())
     for name in stdlib_files(root):
@@ -462,7 +480,8 @@ def build_espeak_corpus(directory: Path, *, hours: float, eval_minutes: float, e
             facts[split] = {"subset": subset, "utterances": utterances, "hours": round(total / SAMPLE_RATE / 3600, 4),
                             "sentences_available": len(by_split[split]), "sentences_spoken": len(used),
                             "voices": sorted({voice for voice, _ in split_speakers}), "rates": list(RATES),
-                            "speakers": {str(numbers[s]): f"{s[0]} {s[1]} wpm" for s in split_speakers}}
+                            "speakers": {str(numbers[s]): f"{s[0]} {s[1]} wpm, word gap {10 * word_gap(*s)} ms"
+                                         for s in split_speakers}}
         word_types = len({word for sentence in sentences for word in sentence.transcript.split()})
         manifest = {
             "corpus": "espeak",
@@ -471,6 +490,9 @@ def build_espeak_corpus(directory: Path, *, hours: float, eval_minutes: float, e
             f"({espeak.origin})", "licence": ESPEAK_LICENCE, "sentences": len(sentences), "word_types": word_types,
             "espeak_version": espeak.version, "espeak_from": espeak.origin,
             "espeak_noise_seeded": espeak.seedable, "sample_rate": SAMPLE_RATE,
+            "word_gap_ms": {"values": [10 * g for g in WORD_GAPS], "rule": "extra pause between words (espeakWORDGAP, "
+                            "10 ms units at espeak's default speed), one per speaker: WORD_GAPS[(base voice + variant + "
+                            "rate index) mod 3]"},
             "splits": facts, "inputs_sha256": inputs_sha256, "sha256": digest.hexdigest()}
         (temporary / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         try:
