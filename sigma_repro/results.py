@@ -270,6 +270,8 @@ CONDITIONS: dict[str, Callable[[Run], Any]] = {
     "depth": lambda r: r.config["model"].get("depth"),
     "scheme": lambda r: r.config["model"].get("scheme"),   # residual scheme: standard | admin | deepnorm | scaled ...
     "model": lambda r: r.summary.get("choices", {}).get("model"),
+    # the model's class: at scale=proxy every cell's model choice reads "proxy"
+    "arch": lambda r: str(r.config["model"].get("_target_", "")).rsplit(".", 1)[-1] or None,
 }
 
 
