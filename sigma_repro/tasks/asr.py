@@ -14,8 +14,8 @@ What is logged:
   character, the batch's sum over the sum of its target lengths; ``val/loss`` is that mean over the
   whole validation split;
 - ``val/wer`` (the headline, lower is better), ``val/cer``: torchmetrics ``WordErrorRate`` and
-  ``CharErrorRate`` of the greedy CTC transcripts of the whole validation split against its
-  reference text, corpus-level (errors summed over utterances over reference words or characters);
+  ``CharErrorRate`` of the greedy CTC transcripts of the validation utterances (the whole split unless
+  the data's ``val_utterances`` picks fewer) against their reference text, corpus-level (errors summed over utterances over reference words or characters);
 - ``train/frames_per_s``: input feature frames (padding excluded) per second of training wall time.
 
 Each validation also writes every transcript to ``transcripts.val.tsv`` in the run dir (rank 0, atomic:
