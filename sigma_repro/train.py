@@ -121,6 +121,29 @@ def build_model(cfg: DictConfig, datamodule):
     return converter.convert(model), converter
 
 
+def rebuild_run(summary: dict[str, Any]) -> tuple[Any, Any]:
+    """(model, data module) of a run as the app built them, from its summary.json (``summary["config"]``):
+    the data module with the run's seed, the model with what the data fixes, then the reparam converter.
+    The weights are freshly initialised: ``load_last_weights`` puts the run's in."""
+    config = OmegaConf.create(summary["config"])
+    datamodule = hydra.utils.instantiate(config.data, seed=summary.get("seed", config.get("seed", 0)))
+    model, _ = build_model(config, datamodule)
+    return model, datamodule
+
+
+def load_last_weights(model, run_dir: Path):
+    """``model`` (from ``rebuild_run``) with the weights of ``<run_dir>/checkpoints/last.ckpt``."""
+    import torch
+
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file():
+        raise ConfigError(f"{checkpoint} not found: the run has not saved a checkpoint yet (or its dir was "
+                          f"cleaned). Train it first (the same sigma-repro-train command resumes it).")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    return model
+
+
 def build_loggers(cfg: DictConfig, out: Path, run_name: str, group: str) -> list:
     """CSV always; W&B (id = hash of the run name, so a requeued run appends) and TensorBoard on request."""
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger

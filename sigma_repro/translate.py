@@ -37,10 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_translation_run(run_dir: Path, *, average: int = 0) -> tuple[Any, Any, dict[str, Any]]:
     """(model in eval mode, data module, the run's summary) of a translation run dir."""
-    import hydra
-    import torch
-
     from sigma_repro.tasks.translation import average_state_dicts, refit_sigma
+    from sigma_repro.train import load_last_weights, rebuild_run
 
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
@@ -52,9 +50,7 @@ def load_translation_run(run_dir: Path, *, average: int = 0) -> tuple[Any, Any, 
     if not target.endswith("TranslationTask"):
         raise ConfigError(f"{run_dir} is a run of {target or 'an unknown task'}, not of task=translation; "
                           f"sigma-repro translate needs a translation run dir.")
-    datamodule = hydra.utils.instantiate(config["data"], seed=summary.get("seed", config.get("seed", 0)))
-    model = hydra.utils.instantiate(config["model"], **datamodule.model_kwargs)
-    model = hydra.utils.instantiate(config["reparam"], _convert_="all").convert(model)
+    model, datamodule = rebuild_run(summary)
     if average:
         snapshots = sorted((run_dir / "checkpoints" / "average").glob("step=*.pt"))
         if len(snapshots) < average:
@@ -64,12 +60,7 @@ def load_translation_run(run_dir: Path, *, average: int = 0) -> tuple[Any, Any, 
         model.load_state_dict(average_state_dicts(snapshots[-average:]))
         refit_sigma(model)
     else:
-        checkpoint = run_dir / "checkpoints" / "last.ckpt"
-        if not checkpoint.is_file():
-            raise ConfigError(f"{checkpoint} not found: the run has not saved a checkpoint yet (or its dir was "
-                              f"cleaned). Train it first (the same sigma-repro-train command resumes it).")
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+        load_last_weights(model, run_dir)
     return model.eval(), datamodule, summary
 
 

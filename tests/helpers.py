@@ -128,3 +128,14 @@ def assert_loader_resumes_mid_epoch(make_loader, *, epoch: int, after: int, key)
     assert resumed.state_dict() == {"epoch": epoch, "batches_done": len(uninterrupted)}
     assert len([key(b) for b in resumed]) == len(uninterrupted)  # the next pass is whole
     return uninterrupted
+
+
+def final_model_and_data(run_dir):
+    """(model with the run's final weights (last.ckpt) in eval mode, data module) of a finished run dir,
+    rebuilt from its summary.json as the app built them."""
+    import json
+
+    from sigma_repro.train import load_last_weights, rebuild_run
+
+    model, data = rebuild_run(json.loads((run_dir / "summary.json").read_text()))
+    return load_last_weights(model, run_dir).eval(), data

@@ -18,7 +18,6 @@ import json
 import math
 from pathlib import Path
 
-import hydra
 import lightning as L
 import pytest
 import torch
@@ -35,7 +34,7 @@ from sigma_repro.tasks.asr import (TSV_HEADER, ASRTask, ctc_loss_per_char, error
                                    log_example_table)
 
 from .conftest import CONF_DIR
-from .helpers import computed_metrics, direct_entropy
+from .helpers import computed_metrics, direct_entropy, final_model_and_data
 from .speech_fixtures import TINY_ESPEAK_OVERRIDES, tiny_espeak_cache
 from .test_speech_model import direct_probs
 from .test_train import only_run_dir, reference_and_killed_run, train, wandb_offline_record
@@ -343,16 +342,6 @@ def asr_run(speech_cache, tmp_path_factory):
 
 def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
-
-
-def final_model_and_data(run_dir: Path):
-    """The run's data module and its model with the final weights (last.ckpt), in eval mode."""
-    config = _summary(run_dir)["config"]
-    data = hydra.utils.instantiate(config["data"], seed=config["seed"])
-    model = hydra.utils.instantiate(config["model"], **data.model_kwargs)
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
-    return model.eval(), data
 
 
 def test_task_asr_alone_picks_the_conformer_on_espeak_and_scale_proxy_the_speech_transformer():

@@ -13,12 +13,10 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from sigma_repro.data.text import StdlibDataModule
-from sigma_repro.models.gpt import GPT
-from sigma_repro.reparam import apply_sigma_reparam, iter_sigma_reparam
+from sigma_repro.reparam import iter_sigma_reparam
 
 from .conftest import CONF_DIR
-from .helpers import computed_metrics
+from .helpers import computed_metrics, final_model_and_data
 from .test_train import only_run_dir, reference_and_killed_run, train, wandb_offline_record
 
 # A fast LM run: the family's default model and data, 30 optimizer steps, small validation.
@@ -29,19 +27,6 @@ FAST = ["task=lm", "logger=csv", "trainer.max_steps=30", "trainer.max_epochs=-1"
 
 def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
-
-
-def _load_model(run_dir: Path, summary: dict) -> tuple[GPT, StdlibDataModule]:
-    cfg = summary["config"]
-    data_options = {k: v for k, v in cfg["data"].items() if k != "_target_"}
-    data = StdlibDataModule(**data_options, seed=summary["seed"])
-    model_options = {k: v for k, v in cfg["model"].items() if k != "_target_"}
-    model = GPT(**model_options, **data.model_kwargs)
-    if cfg["reparam"]["name"] != "none":
-        apply_sigma_reparam(model, stats_only=cfg["reparam"]["stats_only"])
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    return model.eval(), data
 
 
 def test_task_lm_alone_picks_the_gpt_on_stdlib_bytes_and_scale_proxy_keeps_them():
@@ -66,7 +51,7 @@ def test_lm_run_reports_the_final_weights_loss_ppl_and_bits_per_byte(tmp_path, r
     assert summary["metrics"]["train/tokens_per_s"] > 0
 
     # The validation metrics, recomputed from the checkpointed weights on the validation blocks.
-    model, data = _load_model(run_dir, summary)
+    model, data = final_model_and_data(run_dir)
     if reparam != "none":  # q, k, v, out and both FFN matrices of every block; not the tied head
         assert len(list(iter_sigma_reparam(model))) == 6 * summary["config"]["model"]["depth"]
     total, count = 0.0, 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 
 
 class StabilityDataModule(pl.LightningDataModule):
@@ -40,3 +41,18 @@ class StabilityDataModule(pl.LightningDataModule):
         reader needs to know two runs saw the same data (corpus size and hash, interpreter version
         of an embedded corpus, tokenizer). Default: nothing beyond the config."""
         return {}
+
+
+# --- helpers every family's option checks and validation subsets share ----------------------------
+
+
+def is_whole(value: Any) -> bool:
+    """True for an int that is not a bool (a YAML ``true`` must not pass as a count of 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def evenly_spaced(count: int, keep: int | None) -> np.ndarray:
+    """``keep`` of ``range(count)`` (all when null or more), evenly spaced, first and last included."""
+    if keep is None or keep >= count:
+        return np.arange(count)
+    return np.unique(np.linspace(0, count - 1, keep).round().astype(np.int64))

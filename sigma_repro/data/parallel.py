@@ -53,9 +53,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sigma_repro.data.base import StabilityDataModule
+from sigma_repro.data.base import StabilityDataModule, evenly_spaced, is_whole
 from sigma_repro.data.sampling import ResumableDataLoader, ResumableSampler, SeededView
-from sigma_repro.data.text import SPLITS, _whole, evenly_spaced, hash_split, read_utf8
+from sigma_repro.data.text import SPLITS, hash_split, read_utf8
 from sigma_repro.data.tokenizers import SentencePieceTokenizer, build_tokenizer, data_cache_dir, id_dtype, \
     write_atomically
 from sigma_repro.errors import ConfigError
@@ -395,7 +395,7 @@ def synthetic_corpus(*, train_pairs: int = 2000, valid_pairs: int = 200, test_pa
     for key, value, smallest in (("train_pairs", train_pairs, 1), ("valid_pairs", valid_pairs, 1),
                                  ("test_pairs", test_pairs, 1), ("words", words, 2), ("min_words", min_words, 1),
                                  ("max_words", max_words, 1), ("data_seed", data_seed, 0)):
-        if not (_whole(value) and value >= smallest):
+        if not (is_whole(value) and value >= smallest):
             raise ConfigError(f"data.{key} must be a whole number >= {smallest}; found {value!r}. Set it accordingly.")
     if min_words > max_words or words > 2500:
         raise ConfigError(f"data.min_words <= data.max_words and data.words <= 2500 (pseudo-words there are) are "
@@ -629,13 +629,13 @@ class TranslationDataModule(StabilityDataModule):
                  pairs_per_epoch: int | None = None, val_pairs: int | None = None):
         super().__init__()
         for key, value in (("pairs_per_epoch", pairs_per_epoch), ("val_pairs", val_pairs)):
-            if value is not None and not (_whole(value) and value >= 1):
+            if value is not None and not (is_whole(value) and value >= 1):
                 raise ConfigError(f"data.{key} must be a whole number >= 1 or null (all pairs); found {value!r}. "
                                   f"Set data.{key} accordingly.")
         for key, value, smallest in (("vocab_size", vocab_size, SentencePieceTokenizer.MIN_VOCAB),
                                      ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                                      ("seed", seed, 0), ("max_len", max_len, 2), ("bleu_sentences", bleu_sentences, 1)):
-            if not (_whole(value) and value >= smallest) and not (value is None and key == "bleu_sentences"):
+            if not (is_whole(value) and value >= smallest) and not (value is None and key == "bleu_sentences"):
                 meaning = {"vocab_size": " (sentencepiece pieces: the 4 specials, the 256 byte pieces, a newline "
                                          "and learnt ones)", "max_len": " (tokens of a sentence with its eos or bos)",
                            "bleu_sentences": " (or null: all)"}.get(key, "")
@@ -762,7 +762,7 @@ class TranslationDataModule(StabilityDataModule):
 
     def probe_batch(self, n: int) -> dict[str, torch.Tensor]:
         """``{"src", "tgt_in"}`` of ``n`` validated pairs evenly spaced over them; always the same."""
-        if not _whole(n) or not 1 <= n <= len(self.val_set):
+        if not is_whole(n) or not 1 <= n <= len(self.val_set):
             raise ConfigError(f"probe batch size must be between 1 and the {len(self.val_set)} validation pairs; "
                               f"found {n}. Set callbacks.diagnostics.probe_size lower.")
         batch = collate_pairs([self.val_set[i] for i in evenly_spaced(len(self.val_set), n).tolist()])
@@ -779,7 +779,7 @@ class GettextDataModule(TranslationDataModule):
         if not isinstance(language, str) or not re.fullmatch(r"[A-Za-z]{2,3}(_[A-Za-z]{2})?(@\w+)?", language):
             raise ConfigError(f"data.language must be a locale name such as de, fr or pt_BR (a dir under "
                               f"data.locale_dir); found {language!r}.")
-        if not (_whole(min_pairs) and min_pairs >= 1):
+        if not (is_whole(min_pairs) and min_pairs >= 1):
             raise ConfigError(f"data.min_pairs must be a whole number >= 1; found {min_pairs!r}.")
         super().__init__(read_corpus=partial(gettext_corpus, locale_dir, language, min_pairs=min_pairs),
                          vocab_size=vocab_size, batch_size=batch_size, num_workers=num_workers, seed=seed,

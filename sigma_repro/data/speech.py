@@ -56,10 +56,9 @@ import torchaudio
 from torch.utils.data import DataLoader, Dataset
 
 from sigma_repro.data import audio
-from sigma_repro.data.base import StabilityDataModule
+from sigma_repro.data.base import StabilityDataModule, evenly_spaced, is_whole
 from sigma_repro.data.parallel import LengthGroupedSampler
 from sigma_repro.data.sampling import ResumableDataLoader, seeded_global_rngs
-from sigma_repro.data.text import _whole, evenly_spaced
 from sigma_repro.data.tokenizers import data_cache_dir, write_atomically
 from sigma_repro.errors import ConfigError
 
@@ -335,7 +334,7 @@ def ctc_frames_needed(labels: np.ndarray) -> int:
 
 
 def _check(key: str, value: Any, smallest: float, *, whole: bool = True, meaning: str = "") -> None:
-    ok = _whole(value) if whole else isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = is_whole(value) if whole else isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok or value < smallest:
         raise ConfigError(f"data.{key} must be a {'whole number' if whole else 'number'} >= {smallest}{meaning}; found "
                           f"{value!r}. Set data.{key} accordingly.")
@@ -538,7 +537,7 @@ class SpeechDataModule(StabilityDataModule):
     def probe_batch(self, n: int) -> dict[str, torch.Tensor]:
         """``n`` validation utterances evenly spaced over the split, no augmentation; always the same."""
         count = len(self.splits["valid"])
-        if not _whole(n) or not 1 <= n <= count:
+        if not is_whole(n) or not 1 <= n <= count:
             raise ConfigError(f"probe batch size must be between 1 and the {count} validation utterances; found {n}. "
                               "Set callbacks.diagnostics.probe_size lower.")
         dataset = self.dataset("valid", indices=evenly_spaced(count, n))

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sigma_repro.data.base import StabilityDataModule
+from sigma_repro.data.base import StabilityDataModule, evenly_spaced, is_whole
 from sigma_repro.data.sampling import ResumableDataLoader, ResumableSampler, SeededView
 from sigma_repro.data.tokenizers import Tokenizer, build_tokenizer, check_tokenizer_options, data_cache_dir, \
     write_atomically
@@ -349,18 +349,7 @@ class EpochPrefixSampler(ResumableSampler):
         return super().epoch_keys()[: self.num_samples]
 
 
-def evenly_spaced(count: int, keep: int | None) -> np.ndarray:
-    """``keep`` of ``range(count)`` (all when null or more), evenly spaced, first and last included."""
-    if keep is None or keep >= count:
-        return np.arange(count)
-    return np.unique(np.linspace(0, count - 1, keep).round().astype(np.int64))
-
-
 # --- the DataModules ---------------------------------------------------------------------------
-
-
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class LanguageModelDataModule(StabilityDataModule):
@@ -380,7 +369,7 @@ class LanguageModelDataModule(StabilityDataModule):
         for key, value, smallest in (("block_size", block_size, 2), ("batch_size", batch_size, 1),
                                      ("num_workers", num_workers, 0), ("blocks_per_epoch", blocks_per_epoch, 1),
                                      ("val_blocks", val_blocks, 1)):
-            if not (_whole(value) and value >= smallest) and not (value is None and key in ("blocks_per_epoch",
+            if not (is_whole(value) and value >= smallest) and not (value is None and key in ("blocks_per_epoch",
                                                                                              "val_blocks")):
                 nullable = " (or null: all)" if key in ("blocks_per_epoch", "val_blocks") else ""
                 raise ConfigError(f"data.{key} must be a whole number >= {smallest}{nullable}; found {value!r}. "
@@ -465,7 +454,7 @@ class LanguageModelDataModule(StabilityDataModule):
 
     def probe_batch(self, n: int) -> torch.Tensor:
         """Inputs (n, T) of ``n`` validation blocks evenly spaced over those validated on; always the same."""
-        if not _whole(n) or not 1 <= n <= len(self.val_set):
+        if not is_whole(n) or not 1 <= n <= len(self.val_set):
             raise ConfigError(f"probe batch size must be between 1 and the {len(self.val_set)} validation blocks; "
                               f"found {n}. Set callbacks.diagnostics.probe_size lower, or data.val_blocks higher.")
         return torch.stack([self.val_set[i][0] for i in evenly_spaced(len(self.val_set), n).tolist()])

@@ -77,7 +77,6 @@ from contextlib import contextmanager
 from numbers import Integral, Real
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sigma_repro.errors import ConfigError

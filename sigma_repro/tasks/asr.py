@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sigma_repro.data.text import evenly_spaced
+from sigma_repro.data.base import evenly_spaced
 from sigma_repro.data.tokenizers import write_atomically
 from sigma_repro.errors import ConfigError
 from sigma_repro.tasks.base import StabilityTask
