@@ -24,6 +24,11 @@ declares ``view: depth`` (cells at several depths) shows its metrics against dep
 ``report.entropy_groups`` adds one minimum-attention-entropy column per kind of attention layer
 (encoder self-, decoder self-, cross-attention), matched by name.
 
+``--records DIR`` keeps the table alive past its run dirs (a purged scratch disk, a fresh machine): every
+ended run's summary.json is copied there (alone: no checkpoints or curves; absolute paths made relative, see
+``record_summary``), and runs recorded there but gone from the runs dir are read back from it. Commit
+``results/<table>/records`` beside the table and a later session adds seeds to the same table.
+
 The run-reading helpers here (``find_runs``, ``runs_root``, ``metric_curve``) also serve
 ``sigma-repro compare``.
 """
@@ -175,6 +180,58 @@ def find_runs(where: Path, root: Path | None = None) -> tuple[list[Run], list[st
         except (OSError, ValueError, KeyError) as err:
             unreadable.append(f"{path}: {err}")
     return runs, unreadable
+
+
+RECORDED = ("finished", "diverged", "failed")
+
+
+def record_summary(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """A run's summary as a record to commit: the same keys, with the paths this machine put in it made
+    relative: the working dir's prefix dropped, the data cache written ``$SIGMA_REPRO_DATA``, the
+    command's program by its name only; ``run_dir`` where the run lived, relative to the working dir."""
+    from sigma_repro.data.tokenizers import data_cache_dir
+
+    prefixes = [(f"{data_cache_dir().resolve()}", "$SIGMA_REPRO_DATA"), (f"{Path.cwd().resolve()}{os.sep}", "")]
+    prefixes.sort(key=lambda pair: -len(pair[0]))  # the longer (more specific) first: a cache inside the working dir
+
+    def relative(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {key: relative(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [relative(value) for value in node]
+        if isinstance(node, str):
+            for prefix, replacement in prefixes:
+                node = node.replace(prefix, replacement)
+        return node
+
+    record = relative(summary)
+    program, _, rest = str(record.get("command", "")).partition(" ")
+    record["command"] = " ".join(filter(None, [Path(program).name, rest]))
+    record["run_dir"] = os.path.relpath(run_dir.resolve(), Path.cwd().resolve())
+    return record
+
+
+def keep_records(runs: list[Run], records: Path, root: Path) -> list[Run]:
+    """``runs`` (of the runs dir ``root``) with the ended ones recorded under ``records`` (same relative
+    layout, summary.json only, rewritten when it changed), plus the runs recorded there whose run dir
+    holds no run any more: a run dir that still exists always wins over its record."""
+    if records.resolve().is_relative_to(root.resolve()):
+        raise ConfigError(f"--records {records} is inside the runs dir {root}: its records would be read as runs. "
+                          f"Keep them outside it, e.g. results/<table>/records.")
+    for run in runs:
+        if run.summary.get("status") in RECORDED:
+            path = records / run.dir.relative_to(root) / "summary.json"
+            text = json.dumps(record_summary(run.summary, run.dir), indent=1, sort_keys=True) + "\n"
+            if not path.is_file() or path.read_text() != text:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+    live = {_identity(run) for run in runs}
+    recorded, _ = find_runs(records)
+    return runs + [run for run in recorded if _identity(run) not in live]
+
+
+def _identity(run: Run) -> tuple:
+    return run.experiment, run.scale, run.seed, tuple(sorted(run.overrides.items()))
 
 
 # Log keys renamed to one name per concept; runs logged before the rename are read under the new name.
@@ -642,6 +699,11 @@ def provenance_lines(args: argparse.Namespace, spec: TableSpec, root: Path, used
         f"- Runs: {len(used)} run dirs under `{root}`, {hours:.2f} h of wall time in all; "
         f"git sha of the runs: {shas}; machines: {machines}; ended {ended[0]} to {ended[-1]}.",
     ]
+    if getattr(args, "records", None) is not None:
+        records = Path(args.records).resolve()
+        read_back = sum(r.dir.resolve().is_relative_to(records) for r in used)
+        lines.append(f"- Records: every ended run's summary.json is kept in `{args.records}`; {read_back} of the "
+                     f"runs above were read back from there (their run dirs are gone).")
     if other_scales:
         lines.append(f"- Not in this table: runs of these cells at other scales "
                      f"({_tally(list(other_scales.elements()))}); see `--scale`.")
@@ -655,7 +717,8 @@ def command_line(args: argparse.Namespace) -> str:
              "--stale-after", f"{args.stale_after:g}", "--out", args.out]
     if args.metric is not None:
         parts += ["--metric", args.metric] + (["--lower-is-better"] if args.lower_is_better else [])
-    for option, value in (("--seeds", args.seeds), ("--lr-grid", args.lr_grid)):
+    for option, value in (("--seeds", args.seeds), ("--lr-grid", args.lr_grid),
+                          ("--records", getattr(args, "records", None))):
         if value is not None:
             parts += [option, value]
     return " ".join(parts)
@@ -1315,6 +1378,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stale-after", type=float, default=STALE_AFTER_MIN,
                         help=f"minutes without a write after which a 'running' run counts as incomplete "
                              f"(default: {STALE_AFTER_MIN:g})")
+    parser.add_argument("--records", default=None,
+                        help="keep every ended run's summary.json here (paths made relative) and read back the "
+                             "runs recorded here whose run dirs are gone, e.g. results/<table>/records")
     parser.add_argument("--out", default="results", help="tables go to <out>/<table>/<scale>.md and .csv "
                                                           "(with an lr_stability view: also _lr_stability.csv and "
                                                           "_loss_vs_lr.png)")
@@ -1328,6 +1394,8 @@ def run(args: argparse.Namespace) -> int:
                           f"or set SIGMA_REPRO_RUNS (run the table first: sigma-repro-train table={spec.name} "
                           f"scale={args.scale})")
     runs, unreadable = find_runs(root)
+    if args.records is not None:
+        runs = keep_records(runs, Path(args.records), root)
     cells = [r for r in runs if r.experiment in spec.cells]
     used = [r for r in cells if r.scale == args.scale]
     if not used:

@@ -391,3 +391,54 @@ def test_interrupted_run_is_counted_as_not_done(tmp_path):
     assert deit["val/acc n"] == "1"  # the interrupted run's metrics are not averaged in
     md = (out / "vit_supervised" / "proxy.md").read_text()
     assert "| interrupted 1 |" in md and "*interrupted* runs were stopped by a signal" in md
+
+
+def test_records_keep_ended_runs_with_relative_paths_and_bring_them_back_when_their_run_dirs_are_gone(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SIGMA_REPRO_DATA", str(cache))
+    runs, records = Path("runs"), Path("results") / "vit_supervised" / "records"
+    dirs = [fake_run(runs, "vit_supervised/b16/deit", seed, acc=acc) for seed, acc in enumerate([0.91, 0.95])]
+    running_stub(runs, "vit_supervised/b16/sigma", 0, minutes_ago=0)  # not ended: never recorded
+    for out in dirs:  # the paths a real run writes: the program, the data cache, the run dir, all absolute
+        summary = json.loads((out / "summary.json").read_text())
+        summary.update(command=f"{sys.prefix}/bin/sigma-repro-train experiment=vit_supervised/b16/deit",
+                       run_dir=str(out.resolve()), data={"path": f"{cache.resolve()}/digits-abc"})
+        (out / "summary.json").write_text(json.dumps(summary))
+
+    args = ["table", "vit_supervised", str(runs), "--out", "results", "--records", str(records), "--seeds", "0,1"]
+    assert main(args) == 0
+    kept = sorted(records.rglob("summary.json"))
+    assert [p.parent.relative_to(records) for p in kept] == [d.relative_to(runs) for d in dirs]
+    record = json.loads(kept[0].read_text())
+    assert record["run_dir"] == str(dirs[0]) and record["data"]["path"] == "$SIGMA_REPRO_DATA/digits-abc"
+    assert record["command"] == "sigma-repro-train experiment=vit_supervised/b16/deit"
+    assert str(tmp_path) not in kept[0].read_text() and str(tmp_path) not in kept[1].read_text()
+    before = row(table_rows(Path("results"), "vit_supervised"), "vit_supervised/b16/deit")
+
+    # the run dirs are purged: the same command renders the same cell from the records alone
+    for out in dirs:
+        for path in sorted(out.rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+        out.rmdir()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "2 of the runs above were read back from there" in capsys.readouterr().out
+    after = row(table_rows(Path("results"), "vit_supervised"), "vit_supervised/b16/deit")
+    assert (after["n_finished"], after["seeds_finished"]) == ("2", "0,1")
+    assert float(after["val/acc mean"]) == pytest.approx(np.mean([0.91, 0.95])) == float(before["val/acc mean"])
+    assert after["run_dirs"] == ";".join(str(records / d.relative_to(runs)) for d in dirs)
+
+    # a new run of seed 0 in the runs dir wins over its record, and its record is rewritten
+    fake_run(runs, "vit_supervised/b16/deit", 0, acc=0.5)
+    assert main(args) == 0
+    again = row(table_rows(Path("results"), "vit_supervised"), "vit_supervised/b16/deit")
+    assert float(again["val/acc mean"]) == pytest.approx(np.mean([0.5, 0.95]))
+    assert json.loads(kept[0].read_text())["metrics"]["val/acc"] == 0.5
+
+
+def test_records_inside_the_runs_dir_are_refused(tmp_path, capsys):
+    fake_run(tmp_path / "runs", "vit_supervised/b16/deit", 0)
+    code = main(["table", "vit_supervised", str(tmp_path / "runs"), "--records", str(tmp_path / "runs" / "rec")])
+    assert code != 0 and "is inside the runs dir" in capsys.readouterr().err
