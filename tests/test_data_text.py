@@ -19,9 +19,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from sigma_repro import cli
+from sigma_repro.data.sampling import EpochPrefixSampler
 from sigma_repro.data.text import (
     SPLITS,
-    EpochPrefixSampler,
     StdlibDataModule,
     TextFilesDataModule,
     WikiText103DataModule,
@@ -348,8 +348,8 @@ def test_train_loader_resumes_mid_epoch_exactly(tmp_path, blocks_per_epoch):
 
 
 def test_blocks_per_epoch_is_the_head_of_each_epochs_permutation_sharded_over_ranks():
-    whole = EpochPrefixSampler(1000, blocks_per_epoch=1000, seed=3)
-    shards = [EpochPrefixSampler(1000, blocks_per_epoch=90, seed=3, num_replicas=3, rank=r) for r in range(3)]
+    whole = EpochPrefixSampler(1000, per_epoch=1000, seed=3)
+    shards = [EpochPrefixSampler(1000, per_epoch=90, seed=3, num_replicas=3, rank=r) for r in range(3)]
     for epoch in (0, 5):
         for sampler in (whole, *shards):
             sampler.set_epoch(epoch)

@@ -558,7 +558,7 @@ class LengthGroupedSampler(ResumableSampler):
     """A ``ResumableSampler`` whose batches hold pairs of similar length (fairseq batches by length too).
 
     An epoch's keys (this rank's shard of the ``(seed, epoch)`` permutation; with ``per_epoch``, its
-    first ``per_epoch // num_replicas`` as ``text.EpochPrefixSampler``) are cut into groups of
+    first ``per_epoch // num_replicas`` as ``sampling.EpochPrefixSampler``) are cut into groups of
     ``group_batches · batch_size``; each group is sorted by length (the longer side of the pair,
     stable), cut into batches of ``batch_size``, and the batches of the epoch are shuffled by a
     generator of ``(seed, epoch)``; an incomplete last batch stays last, where ``drop_last`` drops

@@ -181,3 +181,17 @@ def planned_optimizer_steps(trainer: "pl.Trainer") -> int:
     batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
     steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
     return steps if trainer.max_steps == -1 else min(steps, trainer.max_steps)
+
+
+class EpochPrefixSampler(ResumableSampler):
+    """A ``ResumableSampler`` whose epoch is the first ``per_epoch`` keys of its permutation of the
+    whole set (each rank: its shard's first ``per_epoch // num_replicas``), so a large set is seen a
+    fresh random part at a time, each part a function of ``(seed, epoch)`` (the LM's
+    ``blocks_per_epoch``, the SSL views' ``images_per_epoch``)."""
+
+    def __init__(self, dataset_size: int, *, per_epoch: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset_size, seed=seed, num_replicas=num_replicas, rank=rank)
+        self.num_samples = min(self.num_samples, per_epoch // num_replicas)  # DistributedSampler's len
+
+    def epoch_keys(self) -> list[tuple[int, int]]:
+        return super().epoch_keys()[: self.num_samples]

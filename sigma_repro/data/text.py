@@ -48,7 +48,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sigma_repro.data.base import StabilityDataModule, evenly_spaced, is_whole
-from sigma_repro.data.sampling import ResumableDataLoader, ResumableSampler, SeededView
+from sigma_repro.data.sampling import EpochPrefixSampler, ResumableDataLoader, ResumableSampler, SeededView
 from sigma_repro.data.tokenizers import Tokenizer, build_tokenizer, check_tokenizer_options, data_cache_dir, \
     write_atomically
 from sigma_repro.errors import ConfigError
@@ -336,19 +336,6 @@ class TokenBlocks(Dataset):
         return block[:-1], block[1:]
 
 
-class EpochPrefixSampler(ResumableSampler):
-    """A ``ResumableSampler`` whose epoch is the first ``blocks_per_epoch`` keys of its permutation
-    of the whole set (each rank: its shard's first ``blocks_per_epoch // num_replicas``), so a long
-    corpus is seen a fresh random part at a time, each part a function of ``(seed, epoch)``."""
-
-    def __init__(self, dataset_size: int, *, blocks_per_epoch: int, seed: int, num_replicas: int = 1, rank: int = 0):
-        super().__init__(dataset_size, seed=seed, num_replicas=num_replicas, rank=rank)
-        self.num_samples = min(self.num_samples, blocks_per_epoch // num_replicas)  # DistributedSampler's len
-
-    def epoch_keys(self) -> list[tuple[int, int]]:
-        return super().epoch_keys()[: self.num_samples]
-
-
 # --- the DataModules ---------------------------------------------------------------------------
 
 
@@ -430,7 +417,7 @@ class LanguageModelDataModule(StabilityDataModule):
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = (ResumableSampler(len(self.train_set), seed=self.seed, num_replicas=world_size, rank=rank)
                    if self.blocks_per_epoch is None else
-                   EpochPrefixSampler(len(self.train_set), blocks_per_epoch=self.blocks_per_epoch, seed=self.seed,
+                   EpochPrefixSampler(len(self.train_set), per_epoch=self.blocks_per_epoch, seed=self.seed,
                                       num_replicas=world_size, rank=rank))
         if len(sampler) < self.batch_size:
             raise ConfigError(

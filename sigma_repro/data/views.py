@@ -47,7 +47,7 @@ from torchvision.transforms import v2
 
 from sigma_repro.data.base import is_whole
 from sigma_repro.data.images import ImageClassificationDataModule, Normalize, TensorImages
-from sigma_repro.data.sampling import ResumableDataLoader, seeded_global_rngs
+from sigma_repro.data.sampling import EpochPrefixSampler, ResumableDataLoader, ResumableSampler, seeded_global_rngs
 from sigma_repro.errors import ConfigError
 
 
@@ -174,21 +174,20 @@ class ViewsDataModule(ImageClassificationDataModule):
         return {**super().model_kwargs, "num_classes": 0}  # no classifier: the model returns its pooled features
 
     def train_dataloader(self) -> ResumableDataLoader:
-        # The images' sampler and its checks, under a dataset that reads the sampler's keys itself
-        # (SeededView would seed once per batch and hand the dataset bare indices).
-        sampler = super().train_dataloader().sampler
-        if self.images_per_epoch is not None:
-            # An epoch: the first images_per_epoch keys of the epoch's permutation (ResumableSampler.epoch_keys
-            # shards the first total_size of them), drawn afresh each epoch, still a function of (seed, epoch).
-            sampler.num_samples = self.images_per_epoch // sampler.num_replicas
-            sampler.total_size = sampler.num_samples * sampler.num_replicas
-            if sampler.num_samples < self.batch_size:
-                raise ConfigError(
-                    f"Each of the {sampler.num_replicas} devices gets {sampler.num_samples} of the "
-                    f"data.images_per_epoch={self.images_per_epoch} training images an epoch, fewer than "
-                    f"data.batch_size={self.batch_size} (a per-device batch). Raise images_per_epoch or lower "
-                    f"data.batch_size.")
-        return ResumableDataLoader(self.train_set, sampler=sampler, drop_last=True, trainer=self.trainer,
+        # The views dataset reads the sampler's (index, sample seed) keys itself: SeededView would seed once
+        # per batch and hand the dataset bare indices.
+        trainer = self.trainer  # None outside Lightning: one process
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = (ResumableSampler(len(self.train_set), seed=self.seed, num_replicas=world_size, rank=rank)
+                   if self.images_per_epoch is None else
+                   EpochPrefixSampler(len(self.train_set), per_epoch=self.images_per_epoch, seed=self.seed,
+                                      num_replicas=world_size, rank=rank))
+        if len(sampler) < self.batch_size:
+            raise ConfigError(
+                f"Each of the {world_size} devices gets {len(sampler)} training images an epoch, fewer than "
+                f"data.batch_size={self.batch_size} (a per-device batch). Lower data.batch_size, or raise "
+                f"data.images_per_epoch.")
+        return ResumableDataLoader(self.train_set, sampler=sampler, drop_last=True, trainer=trainer,
                                    **self._loader_options())
 
     def plain_train_dataloader(self) -> DataLoader:
